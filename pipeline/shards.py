@@ -1,0 +1,216 @@
+"""The shard format every part of effnetv2 agrees on.
+
+A shard set is a folder holding, per split, uncompressed tar files (plain USTAR headers) named
+``{split}-{i:06d}.tar``, one DALI index (format v1.2) per tar named ``{split}-{i:06d}.idx``, and one
+manifest ``_info.json`` in timm's layout (``splits.{split}.num_samples/filenames/shard_lengths``)
+plus effnetv2's own fields (classes, release, class-list hash, ...).
+
+Each sample is a run of contiguous members sharing an ASCII key without dots:
+``{key}.jpg`` (RGB JPEG), ``{key}.cls`` (ASCII class index, the webdataset convention) and, for
+multi-label data, ``{key}.labels`` (little-endian int32 class ids; the first one equals ``.cls``).
+
+Writers never leave a half-written file under a real name: a tar and its index are written to
+hidden ``.partial`` names, fsynced, and renamed, the index first, the tar last, so that the presence
+of a ``.tar`` means the shard is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "_info.json"
+INDEX_VERSION = "v1.2"
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+_TAR_BLOCK = 512
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def index_path(tar_path: str | Path) -> Path:
+    """The DALI index file that belongs to a shard: same name, ``.idx`` instead of ``.tar``."""
+    tar_path = Path(tar_path)
+    return tar_path.with_suffix(".idx")
+
+
+def check_key(key: str) -> None:
+    """Keys must be ASCII without dots: DALI splits a member name at its FIRST dot."""
+    if not _KEY_RE.match(key) or key.startswith(("_", "/")) or ".." in key:
+        raise ValueError(f"invalid sample key {key!r}: use ASCII letters, digits, '_' and '-' only, no dots")
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class ShardWriter:
+    """Writes one shard (tar + DALI index) atomically.
+
+    >>> with ShardWriter("out/train-000000.tar") as w:
+    ...     w.write("s0001", {"jpg": jpeg_bytes, "cls": b"3"})
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._index: list[str] = []
+        self._keys: set[str] = set()
+        self.num_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample; ``members`` maps extension (no leading dot) to bytes, written in order."""
+        check_key(key)
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in {self.path}")
+        self._keys.add(key)
+        parts = []
+        for ext, data in members.items():
+            name = f"{key}.{ext}"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0  # reproducible shards: same input, same bytes
+            header_offset = self._tar.offset
+            self._tar.addfile(info, io.BytesIO(data))
+            parts.append(f"{ext} {header_offset + _TAR_BLOCK} {len(data)} {name}")
+            self.num_bytes += _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+        self._index.append(" ".join(parts))
+
+    def close(self) -> Path:
+        """Finish the tar, write the index, and move both to their real names."""
+        self._tar.close()
+        self._file.close()
+        idx_tmp = self._tmp.with_name(f".{index_path(self.path).name}.partial")
+        with open(idx_tmp, "w", encoding="ascii") as f:
+            f.write(f"{INDEX_VERSION} {len(self._index)}\n")
+            f.write("".join(line + "\n" for line in self._index))
+        _fsync_rename(idx_tmp, index_path(self.path))
+        _fsync_rename(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial files; the real names are never touched."""
+        self._tar.fileobj = None  # the tar footer must not be written
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a shard set: its tar files (absolute paths) and the sample count of each."""
+
+    name: str
+    files: tuple[Path, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard set as read from its manifest; what loaders and recipes need to know about data."""
+
+    root: Path
+    splits: dict[str, Split]
+    classes: tuple[str, ...]
+    multilabel: bool = False
+    info: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise KeyError(f"{self.root / MANIFEST}: no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+
+def write_manifest(root: str | Path, info: dict) -> Path:
+    """Write ``_info.json`` atomically. ``info`` must hold ``splits`` in timm's layout."""
+    root = Path(root)
+    tmp = root / f".{MANIFEST}.partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+        f.write("\n")
+    _fsync_rename(tmp, root / MANIFEST)
+    return root / MANIFEST
+
+
+def read_shard_set(root: str | Path) -> ShardSet:
+    """Load a shard set's manifest and check that every shard it names is present."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; is {root} a shard set made by 'effnetv2 shard'?")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        splits = {}
+        for name, s in info["splits"].items():
+            files = tuple(root / f for f in s["filenames"])
+            lengths = tuple(int(n) for n in s["shard_lengths"])
+            if len(files) != len(lengths) or sum(lengths) != int(s["num_samples"]):
+                raise ValueError(f"split {name!r}: filenames, shard_lengths and num_samples disagree")
+            splits[name] = Split(name, files, lengths)
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed manifest ({e})") from e
+    missing = [str(f) for s in splits.values() for f in s.files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}")
+    return ShardSet(root, splits, tuple(info.get("classes", ())), bool(info.get("multilabel")), info)
+
+
+def read_index(tar_path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a shard's DALI index: per sample, extension -> (data offset, size)."""
+    path = index_path(tar_path)
+    lines = path.read_text(encoding="ascii").splitlines()
+    version, _, count = lines[0].partition(" ")
+    if version != INDEX_VERSION or int(count) != len(lines) - 1:
+        raise ValueError(f"{path}: not a DALI {INDEX_VERSION} index for {len(lines) - 1} samples")
+    samples = []
+    for line in lines[1:]:
+        fields = line.split(" ")
+        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
+    return samples
+
+
+def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` from one shard in order, using its index (no tar parsing)."""
+    entries = read_index(tar_path)
+    with open(tar_path, "rb") as f:
+        for entry in entries:
+            sample = {}
+            key = None
+            for ext, (offset, size) in entry.items():
+                f.seek(offset - _TAR_BLOCK)
+                header = tarfile.TarInfo.frombuf(f.read(_TAR_BLOCK), "ascii", "strict")
+                key = header.name[: header.name.find(".")]
+                sample[ext] = f.read(size)
+            yield key, sample

@@ -1,0 +1,48 @@
+"""The ``effnetv2`` command line.
+
+Each subcommand lives in the module that owns its work and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen module is imported, so
+``effnetv2 shard`` does not pay for importing torch and ``effnetv2 --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shard": ("effnetv2.pipeline.shard_cli", "turn a dataset on disk into WebDataset shards"),
+    "plan": ("effnetv2.recipes.plan_cli", "print the progressive-learning plan (Algorithm 1)"),
+    "train": ("effnetv2.recipes.train_cli", "run a training recipe (demo, in1k, in21k-pretrain, ...)"),
+    "bench": ("effnetv2.bench.cli", "measure imgs/sec: loader, step, end to end, sharding"),
+    "doctor": ("effnetv2.recipes.doctor", "report what this machine can run"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: effnetv2 COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'effnetv2 COMMAND --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"effnetv2: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"effnetv2 {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
