@@ -1,0 +1,195 @@
+"""Progressive learning with adaptive regularisation (EfficientNetV2, Algorithm 1).
+
+Training is split into stages; each stage trains at one image size with regularisation matched to
+that size (small images, weak augmentation; large images, strong), inheriting all weights. The
+planner only computes the frozen :class:`Stage` records; the trainer turns them into loaders and
+captured steps.
+
+Three presets, because the paper and the released code disagree and the project offers both:
+
+``paper``
+    Table 6: stage ``i`` of ``M`` uses ``lo + (hi - lo) * i / (M - 1)`` for the image size and every
+    regulariser, so the first stage sits at the minimum and the last at the maximum; dropout is
+    scheduled too.
+``official``
+    The released code: size ``int(128 + (S_e - 128) * (i + 1) / M)`` (never 128; S: 171, 214, 257,
+    300), RandAugment magnitude ``linspace(5, m, M)`` (floats), mixup = cutmix = ``linspace(0, a, M)``,
+    dropout fixed at the model's value.
+``random-resize``
+    The Table 13 ablation in Mix&Match style: every ``resize_every`` epochs a size is drawn uniformly
+    from the ``paper`` levels, with the regularisation of that level.
+
+B0–B3 are trained with AutoAugment in the released code and Table 6 has no row for them; this project
+has RandAugment only, so their presets hold the magnitude at 5 (the weak end of the V2-S ramp) with
+no mixup. XL has no Table 6 row either: it uses L's regularisation and its own train size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PRESETS = ("official", "paper", "random-resize")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a progressive plan: what the loader, the model and the step need to know."""
+
+    index: int
+    image_size: int
+    randaug_magnitude: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    dropout: float
+    epochs: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Regimen:
+    """One model's progressive-learning ends: ``(lo, hi)`` per quantity, for the paper and the code."""
+
+    train_size: int
+    eval_size: int
+    dropout: float  # the model's fixed dropout (official)
+    randaug: float  # official final RandAugment magnitude
+    mix: float  # official final mixup alpha = cutmix alpha
+    paper_size: tuple[int, int]
+    paper_randaug: tuple[float, float]
+    paper_mixup: tuple[float, float]
+    paper_dropout: tuple[float, float]
+
+
+_S_E_MIN = 128  # the official code's first size base (``ibase``) and the paper's S_0
+_RANDAUG_MIN = 5.0  # the official code's first RandAugment magnitude
+
+REGIMENS: dict[str, Regimen] = {
+    "s": Regimen(300, 384, 0.2, 10.0, 0.0, (128, 300), (5.0, 15.0), (0.0, 0.0), (0.1, 0.3)),
+    "m": Regimen(384, 480, 0.3, 15.0, 0.2, (128, 380), (5.0, 20.0), (0.0, 0.2), (0.1, 0.4)),
+    "l": Regimen(384, 480, 0.4, 20.0, 0.5, (128, 380), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
+    "xl": Regimen(384, 512, 0.4, 20.0, 0.5, (128, 384), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
+    "b0": Regimen(192, 224, 0.2, 5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
+    "b1": Regimen(192, 240, 0.2, 5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
+    "b2": Regimen(208, 260, 0.3, 5.0, 0.0, (128, 208), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
+    "b3": Regimen(240, 300, 0.3, 5.0, 0.0, (128, 240), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
+}
+
+
+def regimen(model: str) -> Regimen:
+    """The regimen of ``model``, given as ``"s"`` or ``"efficientnetv2-s"``."""
+    key = model.lower().removeprefix("efficientnetv2-")
+    if key not in REGIMENS:
+        raise ValueError(f"no progressive-learning preset for model {model!r}; known: {sorted(REGIMENS)}")
+    return REGIMENS[key]
+
+
+def _linspace(lo: float, hi: float, n: int) -> list[float]:
+    return [float(v) for v in np.linspace(lo, hi, n)]
+
+
+def _round(size: float, multiple: int) -> int:
+    """Nearest multiple of ``multiple`` (halves up), never below one multiple."""
+    return max(multiple, int(math.floor(size / multiple + 0.5)) * multiple)
+
+
+def progressive(*, size: tuple[int, int], randaug: tuple[float, float], mixup: tuple[float, float],
+                cutmix: tuple[float, float], dropout: tuple[float, float], num_stages: int, epochs: float,
+                batch_size: int, size_rule: str = "paper", round_to: int = 1) -> tuple[Stage, ...]:
+    """Algorithm 1 from explicit ends.
+
+    Regularisers always ramp as ``linspace(lo, hi, M)``. ``size_rule="paper"`` ramps the size the
+    same way (rounded to the nearest integer); ``"official"`` uses ``int(lo + (hi - lo)(i + 1)/M)``.
+    ``round_to`` then moves each size to the nearest multiple (8/16/32 suit strided convolutions).
+    """
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if size_rule not in ("paper", "official"):
+        raise ValueError(f"size_rule must be 'paper' or 'official', got {size_rule!r}")
+    m = num_stages
+    if size_rule == "paper":
+        sizes = [float(s) for s in np.linspace(size[0], size[1], m)] if m > 1 else [float(size[1])]
+        sizes = [math.floor(s + 0.5) for s in sizes]
+    else:
+        sizes = [int(size[0] + (size[1] - size[0]) * (i + 1) / m) for i in range(m)]
+    ramps = [_linspace(*r, m) if m > 1 else [float(r[1])] for r in (randaug, mixup, cutmix, dropout)]
+    return tuple(
+        Stage(i, _round(sizes[i], round_to), ramps[0][i], ramps[1][i], ramps[2][i], ramps[3][i],
+              epochs / m, batch_size)
+        for i in range(m)
+    )
+
+
+def make_plan(model: str, preset: str = "official", *, epochs: float, batch_size: int, num_stages: int = 4,
+              size: tuple[int, int] | None = None, randaug: tuple[float, float] | None = None,
+              mixup: tuple[float, float] | None = None, cutmix: tuple[float, float] | None = None,
+              dropout: tuple[float, float] | None = None, round_to: int = 1, resize_every: float = 10.0,
+              seed: int = 0) -> tuple[Stage, ...]:
+    """The stages for ``model`` under ``preset``; any ``(lo, hi)`` given replaces the preset's ends."""
+    r = regimen(model)
+    if preset == "official":
+        ends = dict(size=(_S_E_MIN, r.train_size), randaug=(_RANDAUG_MIN, r.randaug), mixup=(0.0, r.mix),
+                    cutmix=(0.0, r.mix), dropout=(r.dropout, r.dropout))
+        rule = "official"
+    elif preset in ("paper", "random-resize"):
+        ends = dict(size=r.paper_size, randaug=r.paper_randaug, mixup=r.paper_mixup, cutmix=(0.0, 0.0),
+                    dropout=r.paper_dropout)
+        rule = "paper"
+    else:
+        raise ValueError(f"unknown plan preset {preset!r}; choose one of {PRESETS}")
+    given = dict(size=size, randaug=randaug, mixup=mixup, cutmix=cutmix, dropout=dropout)
+    ends.update({k: tuple(v) for k, v in given.items() if v is not None})
+    levels = progressive(**ends, num_stages=num_stages, epochs=epochs, batch_size=batch_size,
+                         size_rule=rule, round_to=round_to)
+    if preset != "random-resize":
+        return levels
+    return random_resize(levels, epochs=epochs, every=resize_every, seed=seed)
+
+
+def random_resize(levels: tuple[Stage, ...], *, epochs: float, every: float, seed: int) -> tuple[Stage, ...]:
+    """Every ``every`` epochs draw one of ``levels`` uniformly (seeded); the last chunk may be shorter."""
+    if every <= 0:
+        raise ValueError(f"resize_every must be > 0 epochs, got {every}")
+    rng = np.random.default_rng(seed)
+    stages, done = [], 0.0
+    while done < epochs - 1e-9:
+        length = min(every, epochs - done)
+        lv = levels[int(rng.integers(len(levels)))]
+        stages.append(Stage(len(stages), lv.image_size, lv.randaug_magnitude, lv.mixup_alpha,
+                            lv.cutmix_alpha, lv.dropout, length, lv.batch_size))
+        done += length
+    return tuple(stages)
+
+
+def stage_bounds(stages: tuple[Stage, ...], total_steps: int) -> list[tuple[int, int]]:
+    """``(first, end)`` global step of each stage: stage ``i`` ends at ``int(cum_epochs_i / E * N)``.
+
+    For equal stages this is the released code's ``int((i + 1) / M * train_steps)``.
+    """
+    total_epochs = sum(s.epochs for s in stages)
+    bounds, start, cum = [], 0, 0.0
+    for s in stages:
+        cum += s.epochs
+        end = total_steps if s is stages[-1] else int(cum / total_epochs * total_steps + 1e-9)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def format_plan(stages: tuple[Stage, ...], steps_per_epoch: int | None = None) -> str:
+    """A fixed-width table of the plan (the output of ``effnetv2 plan``)."""
+    head = f"{'stage':>5} {'size':>5} {'randaug':>8} {'mixup':>6} {'cutmix':>6} {'dropout':>7} {'epochs':>7} {'batch':>6}"
+    lines = [head + (f" {'steps':>16}" if steps_per_epoch else "")]
+    bounds = None
+    if steps_per_epoch:
+        total = int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9)
+        bounds = stage_bounds(stages, total)
+    for s in stages:
+        line = (f"{s.index:>5} {s.image_size:>5} {s.randaug_magnitude:>8.2f} {s.mixup_alpha:>6.2f} "
+                f"{s.cutmix_alpha:>6.2f} {s.dropout:>7.2f} {s.epochs:>7.2f} {s.batch_size:>6}")
+        if bounds:
+            line += f" {bounds[s.index][0]:>7}-{bounds[s.index][1]:<8}"
+        lines.append(line)
+    return "\n".join(lines)
