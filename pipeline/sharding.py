@@ -254,7 +254,7 @@ def _finished_record(out: Path, task: ShardTask, fingerprint: str) -> dict | Non
 
 # ---- running a part ----
 
-def _parse_part(part: tuple[int, int] | str) -> tuple[int, int]:
+def parse_part(part: tuple[int, int] | str) -> tuple[int, int]:
     if isinstance(part, str):
         m = re.fullmatch(r"(\d+)/(\d+)", part.strip())
         if not m:
@@ -284,6 +284,12 @@ def _check_inputs(splits: dict[str, list[SourceItem]], classes: Sequence[str]) -
                 raise ValueError(f"{item.name}: labels {item.labels} outside 0..{len(classes) - 1}")
 
 
+def pool_context() -> mp.context.BaseContext:
+    """Worker processes start clean (forkserver on Linux), never as forks of a parent that may run
+    threads (torch, tqdm); scripts calling the API therefore need an ``if __name__ == "__main__"`` guard."""
+    return mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+
+
 def _run_tasks(tasks: list[tuple[ShardTask, str]], out: Path, content: ContentOptions, workers: int,
                progress: bool) -> dict[str, dict]:
     """Write the given shards, in a process pool unless ``workers`` is 1; returns records by shard."""
@@ -299,7 +305,7 @@ def _run_tasks(tasks: list[tuple[ShardTask, str]], out: Path, content: ContentOp
             for task, fp in tasks:
                 records[task.name] = write_shard(task, out, content, fp)
             return records
-        ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+        ctx = pool_context()
         counter = ctx.Value("q", 0)
         pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_count_into,
                                    initargs=(counter,))
@@ -338,7 +344,7 @@ def write_shard_set(out: str | Path, splits: dict[str, Iterable[SourceItem]], cl
     whether any item has several labels) adds the ``labels`` member to every sample.
     """
     out = Path(out)
-    i, n = _parse_part(part)
+    i, n = parse_part(part)
     splits = {name: list(items) for name, items in splits.items()}
     classes = [str(c) for c in classes]
     _check_inputs(splits, classes)
@@ -425,6 +431,14 @@ def _tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+def write_tsv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A tab-separated report with a header line (tabs, newlines and backslashes escaped), atomically."""
+    lines = ["\t".join(columns) + "\n"] + ["\t".join(map(_tsv_field, row)) + "\n" for row in rows]
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _split_stats(records: list[dict]) -> dict:
     total = Counter()
     converted, rejected = Counter(), Counter()
@@ -464,10 +478,7 @@ def merge_parts(out: str | Path, *, plan: str | None = None) -> ShardSet:
     stats["total"] = _split_stats([r for p in parts for r in p["records"]])
     stats["total"]["rejected_at_listing"] = len(parts[0]["listing_rejected"])
     info.update(splits=splits, image_stats=stats)
-    lines = ["path\treason\n"] + [f"{_tsv_field(name)}\t{_tsv_field(reason)}\n" for name, reason in rejected]
-    tmp = out / f".{REJECTED}.partial"
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out / REJECTED)
+    write_tsv(out / REJECTED, ("path", "reason"), rejected)
     write_manifest(out, info)
     return read_shard_set(out)
 
