@@ -43,26 +43,32 @@ _NEEDS = {"torchvision": ("torch", "torchvision", "PIL"), "albumentations": ("to
 
 @dataclass(frozen=True)
 class Point:
-    """Where a loader is measured: output size, RandAugment magnitude (10 = nominal max), mixup alpha."""
+    """Where a loader is measured: output size, RandAugment magnitude (10 = nominal max), mixup and
+    cutmix alpha (the official plans ramp both together; the peers do mixup only)."""
 
     size: int
     magnitude: float
     mixup: float = 0.0
+    cutmix: float = 0.0
 
     @property
     def label(self) -> str:
         text = f"{self.size}px m{self.magnitude:g}"
-        return f"{text} mix{self.mixup:g}" if self.mixup else text
+        text += f" mix{self.mixup:g}" if self.mixup else ""
+        return text + (f" cut{self.cutmix:g}" if self.cutmix else "")
 
     @classmethod
     def parse(cls, text: str) -> Point:
-        """``SIZE@MAGNITUDE[+MIXUP]``, e.g. ``300@15`` or ``256@8.33+0.2``."""
+        """``SIZE@MAGNITUDE[+MIXUP[+CUTMIX]]``, e.g. ``300@10`` or ``256@8.33+0.07+0.07``."""
         try:
             size, _, rest = text.partition("@")
-            magnitude, _, mixup = rest.partition("+")
-            return cls(int(size), float(magnitude or 0), float(mixup or 0))
-        except ValueError as e:
-            raise ValueError(f"bad point {text!r}: expected SIZE@MAGNITUDE[+MIXUP], e.g. 300@15 or 256@8.33+0.2") from e
+            magnitude, *alphas = rest.split("+")
+            if len(alphas) > 2:
+                raise ValueError("too many '+'")
+            return cls(int(size), float(magnitude or 0), *(float(a) for a in alphas))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad point {text!r}: expected SIZE@MAGNITUDE[+MIXUP[+CUTMIX]], "
+                             f"e.g. 300@10 or 256@8.33+0.07+0.07") from e
 
 
 @dataclass(frozen=True)
@@ -310,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer", choices=PEERS, required=True)
     p.add_argument("--shards", required=True)
-    p.add_argument("--points", required=True, help="comma-separated SIZE@MAGNITUDE[+MIXUP]")
+    p.add_argument("--points", required=True, help="comma-separated SIZE@MAGNITUDE[+MIXUP[+CUTMIX]]")
     p.add_argument("--config", default="{}", help="PeerConfig fields as JSON")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
