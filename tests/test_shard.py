@@ -71,6 +71,7 @@ def write_folder(src: Path, photos) -> dict[str, tuple[int, str, bytes]]:
         (src / CLASSES[label] / name).write_bytes(data)
         expected[f"{CLASSES[label]}/{name}"] = (label, action, data)
     (src / "README.txt").write_text("not a class")
+    os.mkfifo(src / "cat" / "pipe.jpg")  # not a file: reported, never opened (opening would block)
     return expected
 
 
@@ -148,9 +149,11 @@ def test_manifest_counts_and_rejected_report(folder_set):
     lines = (root / "out" / "rejected.tsv").read_text().splitlines()
     assert lines[0] == "path\treason"
     rejected = dict(line.split("\t") for line in lines[1:])
-    want = {n for n, (_, a, _) in expected.items() if a == "rejected"} | {"README.txt"}
+    want = {n for n, (_, a, _) in expected.items() if a == "rejected"} | {"README.txt", "cat/pipe.jpg"}
     assert set(rejected) == want
     assert rejected["README.txt"] == "not inside a class folder"
+    assert rejected["cat/pipe.jpg"].startswith("not a regular file")
+    assert info["image_stats"]["total"]["rejected_at_listing"] == 2
     assert all(rejected[n] for n in want)
 
 
