@@ -24,9 +24,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .report import Report, Row, machine
 from .timing import Timing, measure
 
 DTYPES = ("fp32", "bf16")
+MODES = ("eager", "compiled", "graph", "compiled-graph")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class StepCase:
     model: str  # our name, e.g. "efficientnetv2-s"
     size: int = 128
     batch_size: int = 32
-    mode: str = "eager"  # eager | compiled | graph (graph: CUDA only, trainer step only)
+    mode: str = "eager"  # one of MODES; the graph modes need CUDA and run only the trainer step
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
 
     @property
@@ -123,6 +125,131 @@ def compare(cases: list[StepCase], impls: list[str], *, device: str, warmup: int
             rows.append({"series": impl, "point": case.label, "status": status, "note": why, "timing": None,
                          "params": asdict(case)})
     return rows
+
+
+def trainer_step(case: StepCase, device: str, num_classes: int = 1000, seed: int = 0) -> Callable[[], int]:
+    """A callable doing one step of the project's real :class:`TrainStep` (TF RMSprop, EMA, smoothing)."""
+    import torch
+
+    from effnetv2.model import create_model
+    from effnetv2.recipes.ema import EMA
+    from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
+    from effnetv2.recipes.schedule import LRSchedule
+    from effnetv2.recipes.step import TrainStep
+
+    torch.manual_seed(seed)
+    model = create_model(case.model, num_classes).to(device, memory_format=torch.channels_last).train()
+    optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
+    schedule = LRSchedule("constant", 0.016 * case.batch_size / 256, total_steps=1 << 30)
+    step = TrainStep(model, model, optimizer, EMA(model, 0.9999), schedule, label_smoothing=0.1,
+                     amp_dtype=torch.bfloat16 if case.dtype == "bf16" else None,
+                     cuda_graph=case.mode.endswith("graph"), compile=case.mode.startswith("compiled"))
+    images = torch.randn(case.batch_size, 3, case.size, case.size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.nn.functional.one_hot(torch.randint(0, num_classes, (case.batch_size,), device=device),
+                                          num_classes).float()
+
+    def run_one() -> int:
+        step(images, targets)
+        return case.batch_size
+
+    return run_one
+
+
+def _row(d: dict, **changes) -> Row:
+    d = {**d, **changes}
+    timing = Timing.from_dict(d["timing"]) if d.get("timing") else None
+    return Row(d["series"], d["point"], timing, d["status"], d.get("note", ""), d.get("params", {}))
+
+
+def run_step_bench(cases: list[StepCase], *, device: str, warmup: int = 2, reps: int = 5, per_rep: int = 2,
+                   peer_python: str | None = None, threads: int | None = None) -> Report:
+    """Ours vs timm (plain step, side by side) and the project's trainer step, for every case."""
+    import importlib.util
+
+    import torch
+
+    from .peers import run_elsewhere
+
+    report = Report("step", f"training step imgs/s on synthetic data ({device})")
+    report.config = {"cases": [asdict(c) for c in cases], "device": device, "warmup_steps": warmup, "reps": reps,
+                     "steps_per_rep": per_rep, "peer_python": peer_python, "threads": torch.get_num_threads()}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    plain = [c for c in cases if c.mode in ("eager", "compiled")]
+    peer_versions = None
+    if importlib.util.find_spec("timm") is not None:
+        rows = [_row(d) for d in compare(plain, ["ours", "timm"], device=device, warmup=warmup, reps=reps,
+                                         per_rep=per_rep)]
+    else:
+        rows = [_row(d, series="ours (this env)") for d in compare(plain, ["ours"], device=device, warmup=warmup,
+                                                                   reps=reps, per_rep=per_rep)]
+        if peer_python:
+            argv = ["--cases", json.dumps([asdict(c) for c in plain]), "--device", device, "--warmup", str(warmup),
+                    "--reps", str(reps), "--per-rep", str(per_rep), "--threads", str(threads or torch.get_num_threads())]
+            try:
+                out = run_elsewhere(peer_python, "bench.step", argv)
+                peer_versions = out["versions"]
+                where = f"in {peer_python} (torch {peer_versions.get('torch')}, timm {peer_versions.get('timm')})"
+                rows += [_row(d, note=(d["note"] + " " + where).strip()) for d in out["rows"]]
+            except (OSError, RuntimeError, ValueError) as e:
+                rows += [Row(impl, c.label, None, "error", str(e)[-300:]) for c in plain for impl in ("ours", "timm")]
+        else:
+            rows += [Row("timm", c.label, None, "n/a", "timm does not import here; pass --peer-python PYTHON "
+                         "naming an interpreter with torch and timm") for c in plain]
+    for row in rows:
+        report.add(row)
+    for case in cases:
+        params = asdict(case)
+        if case.mode.endswith("graph") and device != "cuda":
+            report.add(Row("ours trainer", case.label, None, "n/a", "CUDA graphs need a GPU", params))
+            continue
+        try:
+            timing = measure({"t": trainer_step(case, device)}, warmup=warmup, reps=reps, per_rep=per_rep,
+                             sync=sync)["t"]
+            report.add(Row("ours trainer", case.label, timing, params=params))
+        except Exception as e:  # noqa: BLE001 - report it, measure the rest
+            report.add(Row("ours trainer", case.label, None, "error", f"{type(e).__name__}: {e}", params))
+    for case in plain:
+        report.add_ratio("ours / timm (same step, same interpreter)", case.label, "ours", "timm")
+    report.notes.append("reference, 2 cores, fp32, batch 32, 128 px: timm tf_efficientnetv2_s 17.2 img/s, "
+                        "b0 40.8 img/s; goal ours/timm >= 1.0")
+    report.machine = machine({"peer_interpreter": peer_versions} if peer_versions else None)
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="efficientnetv2-s,efficientnetv2-b0")
+    p.add_argument("--sizes", default="128", help="comma-separated image sizes (default 128, the reference)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--modes", default=None,
+                   help="comma-separated of eager, compiled, graph, compiled-graph (default: eager on CPU; "
+                        "all four on a GPU). graph modes run only the trainer step")
+    p.add_argument("--dtypes", default=None, help="fp32 and/or bf16 (default: fp32 on CPU, both on a GPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--per-rep", type=int, default=2, help="steps per timed repetition")
+    p.add_argument("--peer-python", default=None,
+                   help="a Python with torch + timm for the timm side, e.g. /tmp/side/bin/python")
+
+
+def run(args: argparse.Namespace) -> Report:
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device == "cuda"
+    modes = (args.modes or ("eager,compiled,graph,compiled-graph" if gpu else "eager")).split(",")
+    dtypes = (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"effnetv2 bench step: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"effnetv2 bench step: unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    cases = [StepCase(model, int(size), args.batch_size, mode, dtype) for model in args.models.split(",")
+             for size in args.sizes.split(",") for mode in modes for dtype in dtypes]
+    return run_step_bench(cases, device=device, warmup=args.warmup, reps=args.reps, per_rep=args.per_rep,
+                          peer_python=args.peer_python, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
