@@ -127,19 +127,28 @@ def make_plan(model: str, preset: str = "official", *, epochs: float, batch_size
               mixup: tuple[float, float] | None = None, cutmix: tuple[float, float] | None = None,
               dropout: tuple[float, float] | None = None, round_to: int = 1, resize_every: float = 10.0,
               seed: int = 0) -> tuple[Stage, ...]:
-    """The stages for ``model`` under ``preset``; any ``(lo, hi)`` given replaces the preset's ends."""
-    r = regimen(model)
+    """The stages for ``model`` under ``preset``; any ``(lo, hi)`` given replaces the preset's ends.
+
+    A model without a preset row (``efficientnetv2-demo``) is planned when all five ranges are given.
+    """
+    given = dict(size=size, randaug=randaug, mixup=mixup, cutmix=cutmix, dropout=dropout)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown plan preset {preset!r}; choose one of {PRESETS}")
+    if all(v is not None for v in given.values()):
+        r = REGIMENS["s"]  # every end is given: only the preset's rule matters
+    else:
+        try:
+            r = regimen(model)
+        except ValueError as e:
+            raise ValueError(f"{e}; or give all of size, randaug, mixup, cutmix and dropout") from None
     if preset == "official":
         ends = dict(size=(_S_E_MIN, r.train_size), randaug=(_RANDAUG_MIN, r.randaug), mixup=(0.0, r.mix),
                     cutmix=(0.0, r.mix), dropout=(r.dropout, r.dropout))
         rule = "official"
-    elif preset in ("paper", "random-resize"):
+    else:
         ends = dict(size=r.paper_size, randaug=r.paper_randaug, mixup=r.paper_mixup, cutmix=(0.0, 0.0),
                     dropout=r.paper_dropout)
         rule = "paper"
-    else:
-        raise ValueError(f"unknown plan preset {preset!r}; choose one of {PRESETS}")
-    given = dict(size=size, randaug=randaug, mixup=mixup, cutmix=cutmix, dropout=dropout)
     ends.update({k: tuple(v) for k, v in given.items() if v is not None})
     levels = progressive(**ends, num_stages=num_stages, epochs=epochs, batch_size=batch_size,
                          size_rule=rule, round_to=round_to)

@@ -1,0 +1,141 @@
+"""Every knob of a training run, in one dataclass; ``--set key=value`` overrides with type checks.
+
+A recipe is a function returning a :class:`TrainConfig`; the trainer reads nothing else. Fields that
+default to ``None`` (or 0 where noted) take their value from the model or the plan preset, so one
+recipe serves S to XL. ``format_config`` prints the full resolved config at the start of every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+Range = tuple[float, float]
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train, on what, where to write
+    recipe: str = "custom"
+    model: str = "efficientnetv2-s"
+    data: str = ""  # shard set folder (made by `effnetv2 shard`)
+    out: str = ""  # run folder: checkpoints, metrics.jsonl, config.json; "" = runs/<recipe>
+    train_split: str = "train"
+    eval_split: str = "val"  # "" = no evaluation
+    num_classes: int = 0  # 0 = the shard set's class count
+    init_from: str = ""  # a checkpoint / run folder (its EMA weights) or a weights file
+    new_head: bool = False  # re-initialise the classifier after init_from (another label set)
+    # -- model
+    drop_path_rate: float = 0.2
+    bn_momentum: float = 0.1  # PyTorch convention: TF's 0.9
+    bn_eps: float = 1e-3
+    tf_padding: bool = False
+    sync_bn: bool = False
+    # -- progressive plan (Algorithm 1); a range None = the preset's (lo, hi)
+    plan: str = "official"  # official | paper | random-resize
+    epochs: float = 350.0
+    total_steps: int = 0  # > 0: train exactly this many steps instead of epochs * steps/epoch
+    num_stages: int = 4
+    batch_size: int = 4096  # global, over all ranks
+    image_size: tuple[int, int] | None = None
+    randaug: Range | None = None
+    mixup: Range | None = None
+    cutmix: Range | None = None
+    dropout: Range | None = None
+    round_to: int = 1  # image sizes to a multiple of 8/16/32
+    resize_every: float = 10.0  # random-resize: epochs between size draws
+    randaug_layers: int = 2  # 0 = no RandAugment
+    eval_size: int = 0  # 0 = the model's eval size
+    eval_crop: float | None = None  # None = the loader's rule (S/(S+32) below 320 px, else whole image)
+    eval_batch_size: int = 0  # global; 0 = batch_size
+    # -- optimisation
+    lr_per_256: float = 0.016
+    lr_schedule: str = "exponential"  # exponential | cosine | constant
+    warmup_epochs: float = 5.0
+    decay_epochs: float = 2.4
+    decay_rate: float = 0.97
+    min_lr: float = 0.0
+    rmsprop_decay: float = 0.9
+    momentum: float = 0.9
+    eps: float = 1e-3
+    weight_decay: float = 1e-5
+    label_smoothing: float = 0.1
+    loss: str = "softmax"  # softmax | bce
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    # -- runtime
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, else none) | bf16 | fp16 | none
+    cuda_graphs: bool = True
+    compile: bool = False
+    channels_last: bool = True
+    backend: str = "auto"  # loader backend
+    num_workers: int | None = None
+    seed: int = 0
+    log_every: int = 50  # steps between host syncs (loss, NaN check, progress)
+    ckpt_every: int = 0  # steps between checkpoints; 0 = at stage ends only
+    keep_last: int = 3
+    stop_at: int = 0  # > 0: checkpoint and stop after this global step (train in pieces)
+    resume: bool = False  # continue from the newest valid checkpoint in `out` if there is one
+    progress: bool = True
+    tensorboard: bool = True  # if installed
+
+    def out_dir(self) -> str:
+        return self.out or f"runs/{self.recipe}"
+
+
+def field_types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def parse_value(key: str, text: str, kind: object) -> object:
+    """``text`` as a value of type ``kind`` (int, float, str, bool, tuple[...], X | None)."""
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if text.lower() == "none":
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse_value(key, text, inner)
+    if typing.get_origin(kind) is tuple:
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        if len(parts) != len(args):
+            raise ValueError(f"--set {key}={text}: expected {len(args)} comma-separated values, e.g. "
+                             f"{key}=" + ",".join(["1"] * len(args)))
+        return tuple(parse_value(key, p.strip(), a) for p, a in zip(parts, args))
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={text}: expected a boolean (true/false)")
+    try:
+        return kind(text)  # type: ignore[operator]
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected {kind.__name__}") from None  # type: ignore[union-attr]
+
+
+def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """A copy of ``cfg`` with ``key=value`` items applied; unknown keys and bad values raise ValueError."""
+    types_ = field_types()
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        if key not in types_:
+            close = [k for k in types_ if key in k or k in key]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"--set {key}: no such config key{hint} (see the printed config)")
+        changes[key] = parse_value(key, text.strip(), types_[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """One ``key = value`` line per field, in declaration order."""
+    items = dataclasses.asdict(cfg)
+    width = max(map(len, items))
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in items.items())

@@ -1,0 +1,36 @@
+"""Fine-tune a 21k-pretrained model on ImageNet-1k (facts §5).
+
+Starts from the EMA weights of the pretraining run (``--set init_from=RUN_DIR_OR_CKPT``) with a new,
+re-initialised classifier, and trains at the model's eval size (S 384, M/L 480, XL 512): batch 512,
+15 epochs, LR 0.0005 x batch/256 held constant (the released code; the paper says cosine:
+``--set lr_schedule=cosine``), EMA 0.9996, weight decay 1e-5, label smoothing 0.1, no RandAugment or
+mixup.
+
+    effnetv2 train in1k-finetune --data /data/imagenet-shards --set init_from=runs/in21k-pretrain
+"""
+
+from __future__ import annotations
+
+import sys
+
+from effnetv2.model import CONFIGS
+
+from .config import TrainConfig
+
+
+def config(model: str = "efficientnetv2-s") -> TrainConfig:
+    size = CONFIGS[model].eval_size if model in CONFIGS else 384
+    dropout = CONFIGS[model].dropout if model in CONFIGS else 0.2
+    return TrainConfig(
+        recipe="in1k-finetune", model=model, new_head=True, plan="paper", num_stages=1, epochs=15.0,
+        batch_size=512, image_size=(size, size), randaug=(0.0, 0.0), mixup=(0.0, 0.0), cutmix=(0.0, 0.0),
+        dropout=(dropout, dropout), randaug_layers=0, eval_size=size, lr_per_256=0.0005,
+        lr_schedule="constant", warmup_epochs=0.0, weight_decay=1e-5, label_smoothing=0.1, ema_decay=0.9996,
+        drop_path_rate=0.2, bn_momentum=0.1, bn_eps=1e-3, train_split="train", eval_split="val",
+    )
+
+
+if __name__ == "__main__":
+    from .train_cli import recipe_main
+
+    sys.exit(recipe_main("in1k-finetune"))

@@ -1,0 +1,127 @@
+"""``effnetv2 train RECIPE [--set key=value ...] [--resume | --fresh] [--out DIR] [--data DIR]``.
+
+A recipe is a module ``effnetv2.recipes.<name>`` (dashes become underscores) with
+
+* ``config(model: str | None = None) -> TrainConfig`` (required): the recipe's hyper-parameters;
+  ``model`` is the ``--set model=...`` value, so model-dependent values (fine-tune size) follow it;
+* ``prepare(cfg, args) -> TrainConfig`` (optional): runs before training, e.g. to make the shard set;
+* ``finish(cfg, result) -> None`` (optional): runs after training, e.g. to print a summary or a chart.
+
+Every recipe module also runs as ``python -m effnetv2.recipes.<name> ...`` with the same options, and
+multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.train_cli RECIPE ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+from . import checkpoint
+from .config import TrainConfig, apply_overrides, format_config
+
+RECIPES = ("in1k", "in21k-pretrain", "in1k-finetune", "transfer", "demo")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help=f"one of {', '.join(RECIPES)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable), e.g. --set model=efficientnetv2-m")
+    parser.add_argument("--data", help="shard set folder (sets data=)")
+    parser.add_argument("--out", help="run folder for checkpoints and metrics (sets out=)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the newest valid checkpoint in the run folder")
+    group.add_argument("--fresh", action="store_true",
+                       help="delete the run folder's checkpoints and metrics and start over")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then stop")
+
+
+def load_recipe(name: str):
+    module_name = f"effnetv2.recipes.{name.replace('-', '_')}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise SystemExit(f"effnetv2 train: unknown recipe {name!r}; recipes: {', '.join(RECIPES)}") from None
+
+
+def resolve_config(args: argparse.Namespace, recipe=None) -> TrainConfig:
+    """The recipe's config with --data/--out/--resume and then every --set applied, type-checked."""
+    recipe = recipe or load_recipe(args.recipe)
+    model = None
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "model":
+            model = value.strip()
+    cfg = recipe.config(model) if model else recipe.config()
+    items = []
+    if args.data:
+        items.append(f"data={args.data}")
+    if args.out:
+        items.append(f"out={args.out}")
+    if args.resume:
+        items.append("resume=true")
+    if args.fresh:
+        items.append("resume=false")
+    return apply_overrides(cfg, items + list(args.overrides))
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a training run writes in ``out`` (checkpoints, metrics, config, TensorBoard)."""
+    for path in checkpoint.list_checkpoints(out):
+        path.unlink()
+    for name in ("metrics.jsonl", "config.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import NonFiniteLoss, build_plan, train
+
+    recipe = load_recipe(args.recipe)
+    try:
+        cfg = resolve_config(args, recipe)
+    except ValueError as e:
+        print(f"effnetv2 train: {e}", file=sys.stderr)
+        return 2
+    if args.fresh:
+        clear_run(Path(cfg.out_dir()))
+    if hasattr(recipe, "prepare"):
+        cfg = recipe.prepare(cfg, args)
+    if args.dry_run:
+        from .plan import format_plan
+
+        print(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
+        print(format_plan(build_plan(cfg)))
+        return 0
+    if not cfg.data:
+        print("effnetv2 train: no shard set given; pass --data DIR (a folder made by 'effnetv2 shard')",
+              file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (NonFiniteLoss, FileExistsError, FileNotFoundError) as e:
+        print(f"effnetv2 train: {e}", file=sys.stderr)
+        return 1
+    if hasattr(recipe, "finish"):
+        recipe.finish(cfg, result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="effnetv2 train", description="run a training recipe")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def recipe_main(name: str) -> int:
+    """``python -m effnetv2.recipes.<name> [options]``: the same as ``effnetv2 train <name> [options]``."""
+    return main([name, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
