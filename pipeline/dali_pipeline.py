@@ -1,0 +1,329 @@
+"""The DALI backend: decode, crop, resize, flip and RandAugment on the GPU or the CPU.
+
+:func:`augment` is the whole augmentation graph, for training and evaluation, in one function; GPU
+and CPU differ only in the ``device`` passed through ("gpu" puts the decoder on ``mixed``, nvJPEG
+with the hardware decoder where present, and everything after it on the GPU).
+
+Samples come from :class:`effnetv2.pipeline.sampler.SampleTable` through ``fn.external_source``, one
+batch per call, in the order given by the loader (see the sampler's docstring for why not
+``fn.readers.webdataset``). Every random choice (crop window, flip, RandAugment ops, signs, cutout
+boxes) is drawn on the host from numpy generators seeded by ``(seed, epoch, step)`` and fed as
+per-sample inputs: the same seed gives the same images, a resumed run continues exactly, and the
+RandAugment magnitude is data, not a build-time constant. The crop window needs the image size, read
+from the JPEG header in a few microseconds (:func:`jpeg_size`); that same check rejects corrupt
+samples before DALI sees them, because one undecodable image fails a DALI batch as a whole.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import randaugment_dali
+from .sampler import SampleTable
+
+AREA = (0.05, 1.0)
+ASPECT = (3 / 4, 4 / 3)
+CROP_PADDING = 32  # official eval crop: S / (S + 32) below WHOLE_IMAGE_FROM px
+WHOLE_IMAGE_FROM = 320
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+# -- host side: what the external source computes per batch -----------------------------------------
+def jpeg_size(data: np.ndarray | bytes) -> tuple[int, int]:
+    """``(height, width)`` from a JPEG's frame header; ValueError if it is not a complete JPEG.
+
+    A missing end-of-image marker (a truncated file) is confirmed with a full PIL decode before the
+    sample is rejected, so files with harmless trailing bytes still pass.
+    """
+    buf = memoryview(data).cast("B")
+    if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        raise ValueError("no JPEG start-of-image marker")
+    pos, size = 2, None
+    while pos + 4 <= len(buf):
+        if buf[pos] != 0xFF:
+            raise ValueError(f"bad marker at byte {pos}")
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", buf, pos + 2)
+        if marker in _SOF:
+            if pos + 9 > len(buf):
+                break
+            h, w = struct.unpack_from(">HH", buf, pos + 5)
+            size = (h, w)
+            break
+        pos += 2 + length
+    if size is None or size[0] == 0 or size[1] == 0:
+        raise ValueError("no frame header with a valid size")
+    if bytes(buf[-2:]) != b"\xff\xd9":
+        from PIL import Image
+
+        try:
+            Image.open(io.BytesIO(buf)).load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken streams
+            raise ValueError(f"truncated or broken JPEG data ({e})") from None
+    return size
+
+
+def random_crop_windows(rng: np.random.Generator, hw: np.ndarray, area=AREA, aspect=ASPECT,
+                        attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Random-resized-crop windows, normalised ``(x, y)`` anchors and ``(w, h)`` shapes, one per image.
+
+    Up to ``attempts`` draws of area fraction ~ U(area) and log-aspect ~ U(log aspect) per image; the
+    first that fits wins; if none fits the whole image is used. Vectorised over the batch.
+    """
+    n = len(hw)
+    h, w = hw[:, :1].astype(np.float64), hw[:, 1:].astype(np.float64)
+    target = h * w * rng.uniform(*area, (n, attempts))
+    ratio = np.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1]), (n, attempts)))
+    cw, ch = np.round(np.sqrt(target * ratio)), np.round(np.sqrt(target / ratio))
+    fits = (cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h)
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(n)
+    ok = fits[rows, first]
+    cw = np.where(ok, cw[rows, first], w[:, 0])
+    ch = np.where(ok, ch[rows, first], h[:, 0])
+    u = rng.random((n, 2))
+    x0 = np.floor(u[:, 0] * (w[:, 0] - cw + 1))
+    y0 = np.floor(u[:, 1] * (h[:, 0] - ch + 1))
+    anchor = np.stack([x0 / w[:, 0], y0 / h[:, 0]], 1).astype(np.float32)
+    shape = np.stack([cw / w[:, 0], ch / h[:, 0]], 1).astype(np.float32)
+    return anchor, shape
+
+
+def eval_crop_ratio(image_size: int, crop_ratio: float | None = None) -> float:
+    """The official eval crop: ``S/(S+32)`` of the shorter side below 320 px, the whole image from 320."""
+    if crop_ratio is not None:
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+        return float(crop_ratio)
+    return 1.0 if image_size >= WHOLE_IMAGE_FROM else image_size / (image_size + CROP_PADDING)
+
+
+def centre_crop_windows(hw: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centre square of side ``ratio * min(h, w)``; ``ratio == 1`` means the whole image (no crop)."""
+    h, w = hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64)
+    if ratio >= 1.0:
+        n = len(hw)
+        return np.zeros((n, 2), np.float32), np.ones((n, 2), np.float32)
+    side = np.floor(ratio * np.minimum(h, w))
+    x0, y0 = np.floor((w - side + 1) / 2), np.floor((h - side + 1) / 2)
+    anchor = np.stack([x0 / w, y0 / h], 1).astype(np.float32)
+    shape = np.stack([side / w, side / h], 1).astype(np.float32)
+    return anchor, shape
+
+
+@dataclass(frozen=True)
+class DaliConfig:
+    image_size: int
+    train: bool
+    randaug_magnitude: float | None = None
+    randaug_layers: int = 2
+    crop_ratio: float | None = None
+    on_gpu: bool = False
+    num_threads: int | None = None
+    seed: int = 0
+
+    @property
+    def layers(self) -> int:
+        return self.randaug_layers if self.train and self.randaug_magnitude is not None else 1
+
+    def names(self) -> list[str]:
+        """The external source's outputs, in order."""
+        extra = randaugment_dali.param_names(self.layers) if self.train else []
+        return ["jpeg", "crop_a", "crop_s", *extra]
+
+
+class BatchSource:
+    """The pipeline's external source: per call the next step's encoded images and random choices.
+
+    Labels do not go through DALI: they wait in :attr:`pending` (DALI returns batches in call order).
+    A sample that is not a complete JPEG is reported (:meth:`SampleTable.mark_corrupt`), replaced by a
+    good sample of the same batch for decoding, and its labels are ``()`` so the loader can drop it.
+    """
+
+    def __init__(self, table: SampleTable, cfg: DaliConfig):
+        self.table, self.cfg = table, cfg
+        self.pending: deque[list[tuple[int, ...]]] = deque()
+        self.start(np.zeros(0, np.int64), 1, 0, 0)
+
+    def start(self, order: np.ndarray, batch_size: int, epoch: int, start_step: int) -> None:
+        self.order, self.batch_size, self.epoch = order, batch_size, epoch
+        self.step, self.steps = start_step, len(order) // batch_size
+        self.pending.clear()
+
+    def stop(self) -> None:
+        self.steps = self.step
+
+    def __call__(self):
+        if self.step >= self.steps:
+            raise StopIteration
+        b, step, cfg = self.batch_size, self.step, self.cfg
+        self.step += 1
+        ids = self.order[step * b : (step + 1) * b]
+        jpegs, labels, hw = self._read(ids)
+        self.pending.append(labels)
+        crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
+        if cfg.train:
+            anchor, shape = random_crop_windows(crop_rng, hw)
+            flip = crop_rng.random(b) < 0.5
+            ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
+            params = randaugment_dali.sample_params(ra_rng, b, cfg.image_size, cfg.randaug_magnitude,
+                                                    cfg.layers, flip)
+        else:
+            anchor, shape = centre_crop_windows(hw, eval_crop_ratio(cfg.image_size, cfg.crop_ratio))
+            params = {}
+        nodes = {"crop_a": anchor, "crop_s": shape, **params}
+        return (jpegs, *(np.ascontiguousarray(nodes[name]) for name in cfg.names()[1:]))
+
+    def _read(self, ids: np.ndarray):
+        jpegs, labels, hw, bad = [], [], [], []
+        for i in ids:
+            i = int(i)
+            data, lab = self.table.read_sample(i)
+            try:
+                if i in self.table.corrupt:
+                    raise ValueError("reported before")
+                hw.append(jpeg_size(data))
+            except ValueError as e:
+                self.table.mark_corrupt(i, str(e))
+                bad.append(len(jpegs))
+                data, lab = None, ()
+                hw.append((0, 0))
+            jpegs.append(data)
+            labels.append(lab)
+        if bad:
+            good = [k for k in range(len(ids)) if jpegs[k] is not None]
+            if good:
+                donor_data, donor_hw = jpegs[good[0]], hw[good[0]]
+            else:
+                donor = self._any_good_sample()
+                donor_data, donor_hw = self.table.read_sample(donor)[0], jpeg_size(self.table.read_sample(donor)[0])
+            for k in bad:
+                jpegs[k], hw[k] = donor_data, donor_hw
+        return jpegs, labels, np.asarray(hw, np.int64)
+
+    def _any_good_sample(self) -> int:
+        for i in range(len(self.table)):
+            if i not in self.table.corrupt:
+                try:
+                    jpeg_size(self.table.read_sample(i)[0])
+                    return i
+                except ValueError as e:
+                    self.table.mark_corrupt(i, str(e))
+        raise RuntimeError(f"no decodable sample in {self.table.files[0].parent}")
+
+
+# -- the graph --------------------------------------------------------------------------------------
+def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str):
+    """The augmentation graph: ROI decode of the crop window, bilinear resize to S x S, then for
+    training RandAugment with the flip folded into its warp. ``p`` maps :meth:`DaliConfig.names` to
+    the external source's nodes; ``device`` is "gpu" or "cpu" and is the only thing that differs."""
+    from nvidia.dali import fn, types
+
+    decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
+               "hw_decoder_load": 0.75} if device == "gpu" else {"device": "cpu"}
+    x = fn.decoders.image_slice(jpegs, p["crop_a"], p["crop_s"], output_type=types.RGB, **decoder)
+    x = fn.resize(x, size=(image_size, image_size), interp_type=types.INTERP_LINEAR, antialias=False)
+    if train:
+        x = randaugment_dali.apply(x, p, layers, device)
+    return x
+
+
+def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
+    from nvidia.dali import fn, pipeline_def
+
+    names = cfg.names()
+    device_id = torch.cuda.current_device() if cfg.on_gpu else None
+    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=cfg.seed,
+                  enable_conditionals=True, prefetch_queue_depth=2)
+    def pipeline():
+        nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
+        return augment(nodes["jpeg"], nodes, image_size=cfg.image_size, layers=cfg.layers,
+                       train=cfg.train, device="gpu" if cfg.on_gpu else "cpu")
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+class DaliBackend:
+    """Runs the DALI pipeline over a given sample order; the loader's backend interface.
+
+    Yields ``(images, labels)``: uint8 ``(B, S, S, 3)`` tensors (on the GPU for ``on_gpu``) and the
+    label tuples of each row (``()`` for a corrupt sample). The pipeline is built once per batch size
+    and kept across epochs; :meth:`close` frees it (stage switch).
+    """
+
+    def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None,
+                 randaug_layers: int, num_workers: int | None, seed: int, train: bool,
+                 crop_ratio: float | None = None, on_gpu: bool = False):
+        self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, on_gpu,
+                              num_workers, seed)
+        self.source = BatchSource(table, self.cfg)
+        self._pipe, self._batch = None, 0
+
+    def batches(self, order: np.ndarray, batch_size: int, epoch: int,
+                start_step: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
+        if self._pipe is None or self._batch != batch_size:
+            self.close()
+            self._pipe, self._batch = build_pipeline(self.cfg, batch_size, self.source), batch_size
+        pipe = self._pipe
+        self.source.start(order, batch_size, epoch, start_step)
+        done = False
+        try:
+            while True:
+                try:
+                    (out,) = pipe.run()
+                except StopIteration:
+                    done = True
+                    return
+                yield self._to_torch(out), self.source.pending.popleft()
+        finally:
+            self._rewind(pipe, drain=not done)
+
+    def _rewind(self, pipe, drain: bool) -> None:
+        """Ready the pipeline for the next ``batches`` call; if abandoned mid-epoch, first drain the
+        batches DALI has prefetched. Tolerates a pipeline already torn down (interpreter exit)."""
+        try:
+            if drain:
+                self.source.stop()
+                try:
+                    while True:
+                        pipe.run()
+                except StopIteration:
+                    pass
+            pipe.reset()
+        except AttributeError:
+            if getattr(pipe, "_pipe", None) is not None:  # DALI sets it to None when torn down
+                raise
+
+    def _to_torch(self, out) -> torch.Tensor:
+        if self.cfg.on_gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            dst = torch.empty(t.shape(), dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream())
+            return dst
+        return torch.from_numpy(out.as_array())
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            del self._pipe
+            self._pipe = None

@@ -1,0 +1,245 @@
+"""The official EfficientNetV2 RandAugment as a DALI graph whose random choices are runtime inputs.
+
+Semantics (facts §4, the same table as :mod:`effnetv2.pipeline.randaugment_np`): ``layers`` layers,
+each picks one of the 16 :data:`OPS` uniformly and always applies it at level ``L`` (10 nominal,
+larger extrapolates); rotate/shear/translate get a random sign; empty pixels are 128; geometric ops
+sample nearest (as TensorFlow's ``image.transform`` does). Clamps, documented: posterize keeps
+``int(L/10*4)`` bits clamped to [1, 8] (TF clamps the shift to 7; L >= 20 is the identity), solarize's
+threshold ``int(L/10*256)`` is clamped to [0, 256] (L >= 10 is the identity), solarize-add's addition to
+[0, 255] (the sum saturates at 255 anyway). Contrast blends towards the mean grey level (PIL; the TF
+code's ``sum(hist)/256`` is a known bug).
+
+Why not DALI's ``auto_aug.rand_augment``: its magnitude is an integer bin fixed at build time, it does
+not extrapolate, its suite differs, and on a CPU it runs 2-3x slower than OpenCV, mostly because its
+geometric ops use DALI's bilinear ``warp_affine`` (~1.2 ms per 224 px image on a CPU, 6x the
+nearest-neighbour one) and its colour ops use float arithmetic on whole batches.
+
+How this graph stays cheap:
+
+* All randomness is drawn on the host with numpy (:func:`sample_params`, seeded per step) and fed as
+  per-sample inputs, so the magnitude and every choice are runtime data (no rebuild per magnitude)
+  and a resumed run reproduces the same images.
+* Geometric ops never touch pixels one by one: the inverse maps of the horizontal flip and of every
+  rotate/shear/translate are multiplied into ONE matrix per warp, applied by one nearest-neighbour
+  ``warp_affine``. The colour ops stay in their official order around it: with ``n`` layers there are
+  ``n`` colour stages and ``max(n-1, 1)`` warps, ``C1 W1 C2 W2 ... Cn``; layer ``k``'s op goes to
+  colour stage ``k`` or, if geometric, into warp ``min(k, n-1)``. A colour stage whose layer drew a
+  geometric op is the identity there, so geometric ops composed into one warp are applied in the right
+  order relative to every colour op (for n=2: ``C1 W C2``, one warp per image).
+* Each colour op runs inside a DALI ``if`` on its per-sample op code, so it processes only the samples
+  that drew it (1/16 of the batch). Splitting and merging a batch costs little compared with the ops;
+  the ops are integer arithmetic (posterize ``x & mask``, solarize ``x ^ 255*(x >= t)``) or cheap DALI
+  kernels (equalize, brightness_contrast, coord_transform for Color, filter for Sharpness, erase for
+  Cutout). The flip commutes with every colour op (point ops, image statistics and a symmetric
+  kernel), and cutout's centre is uniform, so folding the flip into the first warp keeps the
+  distribution exact.
+
+Known small differences from the TF code: Sharpness smooths the one-pixel border too (TF keeps it);
+Equalize is DALI's (OpenCV-style table, within a grey level or two of PIL's); rounding differs by at
+most one grey level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+       "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
+CODE = {name: i for i, name in enumerate(OPS)}
+NONE = -1  # colour-stage code where the layer drew a geometric op
+FILL = 128
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0  # PIL's ImageFilter.SMOOTH
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)
+_IS_GEOMETRIC = np.array([op in GEOMETRIC for op in OPS])
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The op arguments at level ``L`` (official formulas, clamps in the module docstring)."""
+
+    magnitude: float
+
+    @property
+    def ratio(self) -> float:
+        return self.magnitude / 10.0
+
+    @property
+    def degrees(self) -> float:
+        return self.ratio * 30.0
+
+    @property
+    def shear(self) -> float:
+        return self.ratio * 0.3
+
+    @property
+    def translate(self) -> float:
+        return self.ratio * 100.0
+
+    @property
+    def cutout_pad(self) -> int:
+        return int(self.ratio * 40.0)
+
+    @property
+    def factor(self) -> float:
+        return self.ratio * 1.8 + 0.1
+
+    @property
+    def bits(self) -> int:
+        return min(max(int(self.ratio * 4), 1), 8)
+
+    @property
+    def threshold(self) -> int:
+        return min(max(int(self.ratio * 256), 0), 256)
+
+    @property
+    def addition(self) -> int:
+        return min(max(int(self.ratio * 110), 0), 255)
+
+
+def num_warps(layers: int) -> int:
+    return max(layers - 1, 1)
+
+
+def param_names(layers: int) -> list[str]:
+    """Names of the per-sample inputs the graph reads, in the order :func:`sample_params` fills them."""
+    names = ["mask", "thr", "add"]
+    for k in range(layers):
+        names += [f"op{k}", f"fac{k}", f"cmat{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}"]
+    return names + [f"warp{k}" for k in range(num_warps(layers))]
+
+
+def _shift(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def _inverse_map(op: str, value: float, size: int) -> np.ndarray:
+    """3x3 map from output to input pixel (pixel centres at integers, as TF's ``image.transform``)."""
+    m = np.eye(3)
+    if op == "Rotate":
+        c = (size - 1) / 2.0
+        t = np.deg2rad(value)
+        m[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+        return _shift(c, c) @ m @ _shift(-c, -c)
+    if op == "ShearX":
+        m[0, 1] = value
+    elif op == "ShearY":
+        m[1, 0] = value
+    elif op == "TranslateX":
+        m[0, 2] = value
+    elif op == "TranslateY":
+        m[1, 2] = value
+    return m
+
+
+def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: float | None, layers: int,
+                  flip: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample inputs for :func:`apply`: op codes, factors, kernels, cutout boxes and warp matrices.
+
+    ``magnitude=None`` (no RandAugment) gives identity stages and flip-only warps. ``flip`` (bool per
+    sample) is the horizontal flip of the crop, folded into the first warp.
+    """
+    lv = Levels(float(magnitude or 0.0))
+    ops = rng.integers(0, len(OPS), (batch, layers)) if magnitude is not None else np.full((batch, layers), -1)
+    sign = np.where(rng.random((batch, layers)) < 0.5, -1.0, 1.0)
+    centre = rng.integers(0, size, (batch, layers, 2))
+    nw = num_warps(layers)
+    full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
+    p: dict[str, np.ndarray] = {"mask": full((0xFF << (8 - lv.bits)) & 0xFF, np.uint8),
+                                "thr": full(lv.threshold, np.int16), "add": full(lv.addition, np.int16)}
+    warps = np.tile(np.eye(3), (batch, nw, 1, 1))
+    flip_m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    warps[flip, 0] = flip_m
+    f = lv.factor
+    smooth = (1.0 - f) * _SMOOTH
+    smooth[1, 1] += f
+    cmat = f * np.eye(3, dtype=np.float32) + (1.0 - f) * np.tile(_GREY, (3, 1))
+    values = {"Rotate": lv.degrees, "ShearX": lv.shear, "ShearY": lv.shear,
+              "TranslateX": lv.translate, "TranslateY": lv.translate}
+    for k in range(layers):
+        code = ops[:, k]
+        geo = (code >= 0) & _IS_GEOMETRIC[code % len(OPS)]
+        p[f"op{k}"] = np.where(geo, NONE, code).astype(np.int32)
+        p[f"fac{k}"] = full(f, np.float32)
+        p[f"cmat{k}"] = np.broadcast_to(cmat, (batch, 3, 3)).astype(np.float32)
+        p[f"kern{k}"] = np.broadcast_to(smooth, (batch, 3, 3)).astype(np.float32)
+        lo = np.clip(centre[:, k] - lv.cutout_pad, 0, size)
+        hi = np.clip(centre[:, k] + lv.cutout_pad, 0, size)
+        p[f"cut_a{k}"] = lo.astype(np.float32)  # (y, x), axis_names "HW"
+        p[f"cut_s{k}"] = (hi - lo).astype(np.float32)
+        for i in np.flatnonzero(geo):
+            op = OPS[code[i]]
+            w = min(k, nw - 1)
+            warps[i, w] = warps[i, w] @ _inverse_map(op, sign[i, k] * values[op], size)
+    # pixel centres at integers -> DALI's continuous coordinates (centre of pixel i at i + 0.5)
+    to_dali = _shift(0.5, 0.5) @ warps @ _shift(-0.5, -0.5)
+    for w in range(nw):
+        p[f"warp{w}"] = to_dali[:, w, :2].astype(np.float32)
+    return p
+
+
+def apply(x, p: dict, layers: int, device: str):
+    """RandAugment (and the flip) on a batch of uint8 HWC images ``x``; ``p`` holds the input nodes.
+
+    Must be traced inside a pipeline built with ``enable_conditionals=True``.
+    """
+    nw = num_warps(layers)
+    for k in range(layers):
+        x = _colour_stage(x, p, k, device)
+        if k < nw:
+            x = _warp(x, p[f"warp{k}"])
+    return x
+
+
+def _warp(x, matrix):
+    from nvidia.dali import fn, types
+
+    return fn.warp_affine(x, matrix=matrix, fill_value=float(FILL), interp_type=types.INTERP_NN)
+
+
+def _colour_stage(x, p: dict, k: int, device: str):
+    """One layer's colour op, each behind an ``if`` on the per-sample op code (one branch runs)."""
+    from nvidia.dali import fn, types
+
+    def dev(node):  # per-sample operands of arithmetic and filters live where the images are
+        return node.gpu() if device == "gpu" else node
+
+    op = p[f"op{k}"]
+    if op == CODE["AutoContrast"]:
+        x = _autocontrast(x)
+    if op == CODE["Equalize"]:
+        x = fn.equalize(x)
+    if op == CODE["Invert"]:
+        x = x ^ np.uint8(255)
+    if op == CODE["Posterize"]:
+        x = x & dev(p["mask"])
+    if op == CODE["Solarize"]:
+        x = x ^ ((x >= dev(p["thr"])) * np.uint8(255))
+    if op == CODE["SolarizeAdd"]:
+        x = fn.cast(x + (x < np.uint8(128)) * dev(p["add"]), dtype=types.UINT8)
+    if op == CODE["Color"]:
+        x = fn.coord_transform(x, M=p[f"cmat{k}"], dtype=types.UINT8)
+    if op == CODE["Contrast"]:
+        mean = fn.coord_transform(fn.reductions.mean(x, axes=(0, 1), keep_dims=True), M=_GREY.tolist())
+        x = fn.cast(mean + dev(p[f"fac{k}"]) * (x - mean), dtype=types.UINT8)
+    if op == CODE["Brightness"]:
+        x = fn.brightness_contrast(x, brightness=p[f"fac{k}"])
+    if op == CODE["Sharpness"]:
+        x = fn.filter(x, dev(p[f"kern{k}"]), border="clamp")
+    if op == CODE["Cutout"]:
+        x = fn.erase(x, anchor=p[f"cut_a{k}"], shape=p[f"cut_s{k}"], axis_names="HW", fill_value=float(FILL))
+    return x
+
+
+def _autocontrast(x):
+    """Stretch each channel to [0, 255]; a flat channel stays as it is."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    lo = fn.cast(fn.reductions.min(x, axes=(0, 1)), dtype=types.FLOAT)
+    hi = fn.cast(fn.reductions.max(x, axes=(0, 1)), dtype=types.FLOAT)
+    ok = fn.cast(hi > lo, dtype=types.FLOAT)
+    scale = ok * (255.0 / dmath.max(hi - lo, 1.0) - 1.0) + 1.0
+    return fn.cast((x - ok * lo) * scale, dtype=types.UINT8)
