@@ -342,6 +342,10 @@ def write_shard_set(out: str | Path, splits: dict[str, Iterable[SourceItem]], cl
     ``listing_rejected`` are (name, reason) pairs a source dropped before sharding (e.g. unsafe tar
     member names); they go to ``rejected.tsv`` with the images rejected here. ``multilabel`` (default:
     whether any item has several labels) adds the ``labels`` member to every sample.
+
+    An existing shard set in ``out`` is never overwritten: ``resume=True`` on a finished set checks
+    that it was made from the same inputs and options and returns it. With ``workers`` > 1 the pool
+    starts fresh processes, so a script calling this needs an ``if __name__ == "__main__":`` guard.
     """
     out = Path(out)
     i, n = parse_part(part)

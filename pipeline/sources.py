@@ -304,14 +304,16 @@ def _hash_chunk(items: list[SourceItem]) -> list[str | None]:
     return out
 
 
-def content_hashes(items: list[SourceItem], workers: int = 1, progress: bool = False) -> list[str | None]:
-    """A content hash for each item whose size equals another item's (others cannot be duplicates)."""
+def content_hashes(items: list[SourceItem], workers: int = 1, progress: bool = False,
+                   chunk: int = 256) -> list[str | None]:
+    """A content hash for each item whose size equals another item's (others cannot be duplicates,
+    and are left None): reading only those saves a pass over most of the data."""
     from tqdm import tqdm
 
     sizes = [item.input_size() for item in items]
     counts = Counter(sizes)
     todo = [i for i, s in enumerate(sizes) if counts[s] > 1 and s > 0]
-    chunks = [todo[a : a + 256] for a in range(0, len(todo), 256)]
+    chunks = [todo[a : a + chunk] for a in range(0, len(todo), chunk)]
     hashes: list[str | None] = [None] * len(items)
     with tqdm(total=len(todo), unit="img", desc="hash", disable=not progress) as bar:
         if workers <= 1 or len(chunks) <= 1:

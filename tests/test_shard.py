@@ -256,3 +256,13 @@ def test_sigkilled_run_resumes_to_an_identical_result(tmp_path, photos):
     for f in files:
         assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
     assert read_shard_set(out).split("train").num_samples == 14
+
+
+def test_resume_returns_a_finished_set_and_refuses_other_options(tmp_path, photos):
+    items = [SourceItem(_png(c), (i % 2,), f"p{i}") for i, c in enumerate(random_crops(photos, 6, seed=4))]
+    first = write_shard_set(tmp_path, {"train": items}, ["a", "b"], shard_size=4, workers=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    again = write_shard_set(tmp_path, {"train": items}, ["a", "b"], shard_size=4, workers=1, resume=True)
+    assert again == first and before == {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="train-000000"):
+        write_shard_set(tmp_path, {"train": items}, ["a", "b"], shard_size=4, workers=1, resume=True, quality=80)

@@ -14,7 +14,9 @@ import scipy.io
 from conftest import jpeg_bytes, random_crops
 from test_shard import read_dali, read_wds
 
+from effnetv2.pipeline.sharding import SourceItem
 from effnetv2.pipeline.shards import read_shard_set
+from effnetv2.pipeline.sources import content_hashes
 from effnetv2.recipes.cli import main as cli
 
 WNIDS = ["n00000001", "n00000002", "n00000003"]
@@ -174,3 +176,15 @@ def test_imagenet21k_unsafe_member_names_are_reported_not_written(in21k):
     shards = read_shard_set(out)
     for split in shards.splits.values():
         assert all(b"evil" not in s["jpg"] for s in read_wds(split))
+
+
+def test_content_hashes_same_in_a_pool(photos):
+    crops = random_crops(photos, 4, seed=17, size=(32, 40))
+    same_size = [bytes([k]) * 700 for k in range(6)]  # equal sizes: all must be hashed
+    items = [SourceItem(d, (0,), f"s{k}") for k, d in enumerate([*same_size, same_size[2]])]
+    items += [SourceItem(jpeg_bytes(c), (0,), f"u{k}") for k, c in enumerate(crops)]
+    serial = content_hashes(items, workers=1, chunk=2)
+    assert serial == content_hashes(items, workers=2, chunk=2)
+    assert serial[2] == serial[6] and len(set(serial[:6])) == 6
+    sizes = [len(i.source) for i in items[7:]]
+    assert [h is None for h in serial[7:]] == [sizes.count(n) == 1 for n in sizes]
