@@ -93,7 +93,10 @@ def _peer_rows(peer: str, shards: Path, points: list[Point], cfg: PeerConfig, ti
         out = run_elsewhere(peer_python, "bench.peers", argv)
     except (OSError, RuntimeError, ValueError) as e:
         return [{"point": asdict(p), "status": "error", "note": str(e)[-300:], "timing": None} for p in points], None
-    return out["results"], out["versions"]
+    v = out["versions"]
+    for r in out["results"]:
+        r["note"] = (r["note"] + f" in {peer_python} (torch {v.get('torch')}, torchvision {v.get('torchvision')})").strip()
+    return out["results"], v
 
 
 def _point_arg(p: Point) -> str:

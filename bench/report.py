@@ -56,6 +56,7 @@ class Report:
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # results that are not rates (e.g. stage-switch seconds)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -78,7 +79,7 @@ class Report:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
                 "machine": self.machine, "config": self.config, "notes": self.notes,
                 "rows": [r.to_dict() for r in self.rows],
-                "ratios": [vars(r) for r in self.ratios]}
+                "ratios": [vars(r) for r in self.ratios], "extra": self.extra}
 
 
 def machine(extra: dict | None = None) -> dict:

@@ -1,0 +1,165 @@
+"""``effnetv2 bench e2e``: the trainer fed by the real loader vs the same trainer fed synthetic data.
+
+Per stage of the model's progressive plan, three series, in this order (not interleaved: while one
+series runs, the real loader's workers would otherwise fill their prefetch queue for free):
+
+- ``trainer + loader``: the project's :class:`~effnetv2.recipes.step.TrainStep` on batches from
+  :func:`~effnetv2.pipeline.build_train_loader`, read through the trainer's own
+  :func:`~effnetv2.recipes.trainer.stage_batches`, exactly as :func:`~effnetv2.recipes.trainer.train`
+  builds and drives them (minus logging, checkpoints and evaluation, which sit outside the steps);
+- ``trainer + synthetic``: the same step on one fixed batch of the same shape, dtype and device;
+- ``loader alone``: the same loader stream, nothing consuming it.
+
+``trainer + loader`` / ``trainer + synthetic`` is the loader's cost, the number users care about
+(1.0 = the loader is free). ``loader alone`` / ``trainer + synthetic`` is the loader's headroom (goal on
+a GPU: >= 3x). The stage switch (close the old loader and release the step's graph, build the new
+loader, first batch, the step's own warm-up/capture/compile) is timed per stage and reported in seconds.
+
+Default on a CPU: efficientnetv2-b0's plan at batch 32 (S does ~3 img/s at 300 px on 2 cores); on a
+GPU: efficientnetv2-s at batch 128, bf16, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .report import Report, Row
+from .timing import measure
+
+SERIES = ("trainer + loader", "trainer + synthetic", "loader alone")
+
+
+def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str, backend: str = "auto",
+                  amp: str = "auto", mode: str = "eager", num_stages: int = 4, image_size: tuple[int, int] | None = None,
+                  warmup: int = 2, reps: int = 3, per_rep: int = 2, workers: int | None = None,
+                  seed: int = 0, plan_of: str | None = None) -> Report:
+    """``plan_of``: the model whose official plan sets the stages (default ``model_name``; the demo
+    model has none); ``image_size`` replaces the plan's (lo, hi) sizes."""
+    import torch
+
+    from effnetv2.model import create_model
+    from effnetv2.pipeline import build_train_loader, read_shard_set
+    from effnetv2.recipes.ema import EMA
+    from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
+    from effnetv2.recipes.plan import make_plan
+    from effnetv2.recipes.schedule import LRSchedule
+    from effnetv2.recipes.step import TrainStep
+    from effnetv2.recipes.trainer import resolve_amp, stage_batches
+
+    dev = torch.device(device)
+    shard_set = read_shard_set(shards)
+    amp_dtype = resolve_amp(amp, dev)
+    stages = make_plan(plan_of or model_name, "official", epochs=1, batch_size=batch_size, num_stages=num_stages,
+                       size=image_size)
+    report = Report("e2e", f"{model_name} trainer imgs/s per stage, batch {batch_size}, {device}, "
+                           f"amp {amp_dtype}, {mode}")
+    report.config = {"shards": str(shards), "model": model_name, "plan_of": plan_of or model_name, "batch_size": batch_size, "device": device,
+                     "backend": backend, "amp": str(amp_dtype), "mode": mode, "warmup_steps": warmup, "reps": reps,
+                     "steps_per_rep": per_rep, "workers": workers, "stages": [asdict(s) for s in stages]}
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(seed)
+    model = create_model(model_name, shard_set.num_classes).to(dev, memory_format=torch.channels_last)
+    optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
+    schedule = LRSchedule("constant", 0.016 * batch_size / 256, total_steps=1 << 30)
+    step_fn = TrainStep(model, model, optimizer, EMA(model, 0.9999), schedule, label_smoothing=0.1,
+                        amp_dtype=amp_dtype, cuda_graph=mode.endswith("graph"), compile=mode.startswith("compiled"))
+    report.config["cuda_graph"] = step_fn.cuda_graph
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    switches, loader, position = [], None, 0
+    for stage in stages:
+        point = f"{stage.image_size}px m{stage.randaug_magnitude:.3g}"
+        params = asdict(stage)
+        t0 = time.perf_counter()
+        if loader is not None:
+            loader.close()
+            step_fn.release()
+        t_closed = time.perf_counter()
+        loader = build_train_loader(shard_set, batch_size, stage.image_size, stage.randaug_magnitude,
+                                    stage.mixup_alpha, stage.cutmix_alpha, device=device, backend=backend,
+                                    seed=seed, num_workers=workers)
+        model.set_dropout(stage.dropout)
+        t_built = time.perf_counter()
+        batches = stage_batches(loader, position, 1 << 62, len(loader))
+        images, targets = next(batches)
+        sync()
+        t_first = time.perf_counter()
+        fixed = (images.clone(), targets.clone())  # the synthetic batch: same shape, dtype, layout, device
+        for _ in range(step_fn.warmup_steps + 1):  # eager warm-up, then capture (GPU) or compile
+            step_fn(*fixed)
+        sync()
+        t_ready = time.perf_counter()
+        switches.append({"stage": stage.index, "image_size": stage.image_size, "backend": loader.backend_name,
+                         "close_previous_s": t_closed - t0, "build_loader_s": t_built - t_closed,
+                         "first_batch_s": t_first - t_built, "step_warmup_s": t_ready - t_first,
+                         "total_s": t_ready - t0})
+
+        timings = _measure_series(step_fn, batches, fixed, batch_size, sync, warmup=warmup, reps=reps,
+                                  per_rep=per_rep)
+        for series, timing in timings.items():
+            report.add(Row(series, point, timing, note=f"backend {loader.backend_name}", params=params))
+        position += 1 + (warmup + reps * per_rep) * 2
+        batches.close()
+        report.add_ratio("loader cost: real / synthetic", point, SERIES[0], SERIES[1])
+        report.add_ratio("loader headroom: loader alone / synthetic", point, SERIES[2], SERIES[1])
+    if loader is not None:
+        loader.close()
+        step_fn.release()
+    report.extra["stage_switch"] = switches
+    for s in switches:
+        report.notes.append(f"stage {s['stage']} ({s['image_size']}px, {s['backend']}): switch {s['total_s']:.2f} s = "
+                            f"close {s['close_previous_s']:.2f} + build loader {s['build_loader_s']:.2f} + first batch "
+                            f"{s['first_batch_s']:.2f} + step warm-up {s['step_warmup_s']:.2f}")
+    return report
+
+
+def _measure_series(step_fn, batches, fixed, batch_size: int, sync, **timing_args) -> dict:
+    """The three series of one stage, one after the other (see the module docstring for why)."""
+
+    def real() -> int:
+        step_fn(*next(batches))
+        return batch_size
+
+    def synthetic() -> int:
+        step_fn(*fixed)
+        return batch_size
+
+    def alone() -> int:
+        next(batches)
+        return batch_size
+
+    return {series: measure({series: fn}, sync=sync, **timing_args)[series]
+            for series, fn in zip(SERIES, (real, synthetic, alone))}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", type=Path, help="shard set (e.g. made by 'effnetv2 bench corpus')")
+    p.add_argument("--model", default=None, help="default: efficientnetv2-b0 on a CPU, efficientnetv2-s on a GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on a CPU, 128 on a GPU")
+    p.add_argument("--stages", type=int, default=4, help="stages of the official plan (default 4)")
+    p.add_argument("--plan-of", default=None, help="follow this model's official plan (default: --model's)")
+    p.add_argument("--sizes", default=None, help="LO,HI image sizes of the plan (default: the model's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", choices=("auto", "dali", "albumentations"))
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
+    p.add_argument("--mode", default=None, choices=("eager", "compiled", "graph", "compiled-graph"),
+                   help="trainer step mode (default: graph on a GPU, eager on a CPU, where graphs do not exist)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per series and stage")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--per-rep", type=int, default=2, help="steps per timed repetition")
+
+
+def run(args: argparse.Namespace) -> Report:
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device == "cuda"
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None
+    return run_e2e_bench(args.shards, args.model or ("efficientnetv2-s" if gpu else "efficientnetv2-b0"),
+                         batch_size=args.batch_size or (128 if gpu else 32), device=device, backend=args.backend,
+                         amp=args.amp, mode=args.mode or ("graph" if gpu else "eager"), num_stages=args.stages, image_size=sizes, warmup=args.warmup,
+                         reps=args.reps, per_rep=args.per_rep, workers=args.workers, plan_of=args.plan_of)
