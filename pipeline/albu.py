@@ -59,10 +59,11 @@ from .sampler import SampleTable
 AREA = (0.05, 1.0)
 ASPECT = (3 / 4, 4 / 3)
 ATTEMPTS = 10
-_DECODE_FLAGS = {1: cv2.IMREAD_COLOR_RGB,
-                 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | cv2.IMREAD_COLOR_RGB,
-                 4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_COLOR_RGB,
-                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_COLOR_RGB}
+# RGB output, stored pixel order: an EXIF orientation tag is ignored (the sharder applies rotations once,
+# DALI ignores the tag too, and the crop box is drawn in the frame header's coordinates).
+_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_DECODE_FLAGS = {1: _RGB, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | _RGB, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | _RGB,
+                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | _RGB}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 Box = tuple[int, int, int, int]  # y, x, h, w in source pixels
 
@@ -308,7 +309,8 @@ class AlbuBackend:
         self._loader: DataLoader | None = DataLoader(
             _BatchDataset(table, self.spec), batch_size=None, sampler=self._plan, num_workers=self.num_workers,
             collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_init_worker if workers else None,
-            persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None)
+            persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None,
+            generator=torch.Generator())  # its seed draws must not advance the trainer's global torch RNG
 
     @property
     def num_corrupt(self) -> int:

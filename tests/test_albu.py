@@ -41,6 +41,12 @@ def test_jpeg_size_reads_the_frame_header(photos):
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, "JPEG", quality=85, progressive=progressive)
             assert albu.jpeg_size(np.frombuffer(buf.getvalue(), np.uint8)) == img.shape[:2]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": ignored, pixels come in stored order matching the header
+    buf = io.BytesIO()
+    Image.fromarray(photos[0][:40, :80]).save(buf, "JPEG", exif=exif.tobytes())
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+    assert albu.jpeg_size(data) == (40, 80) and albu.decode(data).shape == (40, 80, 3)
     assert albu.jpeg_size(b"\xff\xd8 not a jpeg at all") is None
     assert albu.jpeg_size(np.frombuffer(jpeg_bytes(photos[0])[:40], np.uint8)) is None
 
@@ -125,7 +131,11 @@ def test_same_seed_same_batches_whatever_the_worker_count(train_table):
     serial = AlbuBackend(train_table, S, 12, num_workers=0, seed=3)
     a = _collect(serial, order)
     parallel = AlbuBackend(train_table, S, 12, num_workers=2, seed=3)
+    torch.manual_seed(0)
     b = _collect(parallel, order)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # the trainer's global torch RNG is left alone
     assert _same(a, b)
     assert _same(_collect(parallel, order, start_step=2), a[2:])  # resume mid-epoch
     assert _same(_collect(parallel, order[:32], batch_size=8), [(x[i:i + 8], y[i:i + 8])
