@@ -32,13 +32,15 @@ Design, and why:
   is therefore plain OpenCV/numpy; "albumentations" is the user-facing name of this CPU backend.
 
 Train: random-resized crop (area 0.05–1, aspect 3/4–4/3 log-uniform, 10 attempts, then a centre crop
-clamped to the aspect range), bilinear resize to S, horizontal flip with p=0.5, RandAugment.
-Eval: centre square of side ``int(crop_ratio · min(H, W))`` resized to S (the official crop), or the
-whole image resized to S×S when ``crop_ratio`` is None.
+clamped to the aspect range), bilinear resize to S, horizontal flip with p=0.5, RandAugment
+(``randaug_magnitude=None`` = off; 0 is level 0).
+Eval: centre square of side ``int(r · min(H, W))`` resized to S (the official crop), with
+``r = dali_pipeline.eval_crop_ratio(S, crop_ratio)`` (None: S/(S+32) below 320 px); r >= 1 resizes the
+whole image to S×S.
 
-Corrupt samples: when a JPEG cannot be decoded, the next decodable sample of the batch takes its slot
-(image and labels, with the slot's own random augmentation); the main process warns once per sample
-naming shard and key (:meth:`SampleTable.mark_corrupt`) and counts it (``num_corrupt``).
+Corrupt samples (the loader contract): a row whose JPEG cannot be decoded gets labels ``()`` and a
+zero image; the main process reports it once with shard and key (:meth:`SampleTable.mark_corrupt`)
+and the loader substitutes (train) or masks (eval) the row.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from .dali_pipeline import eval_crop_ratio  # the rule only; importing it does not import DALI
 from .randaugment_np import RandAugment
 from .sampler import SampleTable
 
@@ -118,9 +121,9 @@ def random_crop_box(rng: np.random.Generator, height: int, width: int, area: tup
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def center_crop_box(height: int, width: int, crop_ratio: float | None) -> Box:
-    """The official eval crop: a centred square of side ``int(crop_ratio · min(H, W))``; None = whole image."""
-    if crop_ratio is None:
+def center_crop_box(height: int, width: int, crop_ratio: float) -> Box:
+    """The official eval crop: a centred square of side ``int(crop_ratio · min(H, W))``; >= 1: whole image."""
+    if crop_ratio >= 1.0:
         return 0, 0, height, width
     side = max(1, int(crop_ratio * min(height, width)))
     return (height - side + 1) // 2, (width - side + 1) // 2, side, side
@@ -164,10 +167,10 @@ class AugmentSpec:
 
     image_size: int
     train: bool
-    randaug_magnitude: float = 0.0
+    randaug_magnitude: float | None = None  # None: no RandAugment
     randaug_layers: int = 2
     seed: int = 0
-    crop_ratio: float | None = None
+    crop_ratio: float = 1.0  # resolved (eval_crop_ratio); >= 1: whole image
     reduced_decode: bool = True
 
 
@@ -177,37 +180,30 @@ class _BatchDataset(Dataset):
     def __init__(self, table: SampleTable, spec: AugmentSpec):
         self.table = table
         self.spec = spec
-        self.randaug = (RandAugment(spec.randaug_magnitude, spec.randaug_layers)
-                        if spec.train and spec.randaug_layers > 0 else None)
+        on = spec.train and spec.randaug_magnitude is not None and spec.randaug_layers > 0
+        self.randaug = RandAugment(spec.randaug_magnitude, spec.randaug_layers) if on else None
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, list, list]:
+        """``(images (B, S, S, 3) uint8, labels per row, [(sample id, why undecodable), ...])``."""
         epoch, ids = item
         size = self.spec.image_size
         images = _new_uint8((len(ids), size, size, 3))
         out = images.numpy()
         labels: list[tuple[int, ...]] = []
         corrupt: list[tuple[int, str]] = []
-        for k, sid in enumerate(ids):
-            if sid < 0:  # eval padding: masked out by the loader
-                out[k] = 0
-                labels.append(())
-                continue
-            rng = np.random.default_rng([self.spec.seed, epoch, int(sid)]) if self.spec.train else None
-            for j in _candidates(ids, k):
-                data, labs = self.table.read_sample(j)
+        for k, sid in enumerate(ids.tolist()):
+            reason = "padding"
+            if sid >= 0:
+                data, labs = self.table.read_sample(sid)
+                rng = np.random.default_rng([self.spec.seed, epoch, sid]) if self.spec.train else None
                 reason = self._sample(data, rng, out[k])
-                if not reason:
-                    labels.append(labs)
-                    break
-                corrupt.append((j, reason))
-            else:
-                files = sorted({str(self.table.files[int(self.table.shard[i])]) for i, _ in corrupt})
-                raise RuntimeError(f"no decodable sample in a batch of {len(ids)} from {files}")
-        width = max(1, max(len(x) for x in labels))
-        lab = np.full((len(ids), width), -1, np.int64)
-        for k, x in enumerate(labels):
-            lab[k, : len(x)] = x
-        return images, torch.from_numpy(lab), corrupt
+            if reason:
+                out[k] = 0
+                labs = ()
+                if sid >= 0:
+                    corrupt.append((sid, reason))
+            labels.append(labs)
+        return images, labels, corrupt
 
     def _sample(self, data: np.ndarray, rng: np.random.Generator | None, out: np.ndarray) -> str:
         """Decode and augment one JPEG into ``out``; returns "" or why it could not be decoded."""
@@ -234,15 +230,6 @@ class _BatchDataset(Dataset):
             img = self.randaug(img, rng)
         out[...] = img
         return ""
-
-
-def _candidates(ids: np.ndarray, k: int) -> Iterator[int]:
-    """Slot ``k``'s own sample, then the following real samples of the batch (wrapping round)."""
-    n = len(ids)
-    for d in range(n):
-        j = int(ids[(k + d) % n])
-        if j >= 0:
-            yield j
 
 
 def _new_uint8(shape: tuple[int, ...]) -> torch.Tensor:
@@ -283,26 +270,25 @@ def default_workers() -> int:
 
 
 class AlbuBackend:
-    """Batches of uint8 (B, S, S, 3) RGB images and int64 (B, L) labels (-1 padded; L=1 single-label).
+    """Batches of uint8 (B, S, S, 3) RGB images and the label tuple of every row (the loader contract).
 
     ``batches(order, batch_size, epoch, start_step)`` yields steps ``start_step ..
     len(order) // batch_size - 1`` of ``order`` (this rank's sample ids, e.g. from
-    :func:`.sampler.epoch_order`; ids < 0 are eval padding and give zero images with all -1 labels).
-    One iteration at a time: a new ``batches()`` call abandons the previous one. ``pin_memory=True``
-    when the batches go to a CUDA device.
+    :func:`.sampler.epoch_order`; ids < 0 give zero images with labels ``()``). One iteration at a
+    time: a new ``batches()`` call abandons the previous one. ``pin_memory=True`` when the batches go
+    to a CUDA device (pinned in the DataLoader's thread, off the training loop).
     """
 
-    def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float = 0.0,
+    def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None = None,
                  randaug_layers: int = 2, num_workers: int | None = None, seed: int = 0, train: bool = True,
                  crop_ratio: float | None = None, *, pin_memory: bool = False, reduced_decode: bool = True,
                  prefetch_factor: int = 2):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        if crop_ratio is not None and not 0 < crop_ratio <= 1:
-            raise ValueError(f"crop_ratio must be in (0, 1] or None, got {crop_ratio}")
+        magnitude = None if randaug_magnitude is None else float(randaug_magnitude)
         self.table = table
-        self.spec = AugmentSpec(int(image_size), bool(train), float(randaug_magnitude), int(randaug_layers),
-                                int(seed), crop_ratio, reduced_decode)
+        self.spec = AugmentSpec(int(image_size), bool(train), magnitude, int(randaug_layers), int(seed),
+                                eval_crop_ratio(int(image_size), crop_ratio), reduced_decode)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._plan = _BatchPlan()
         workers = self.num_workers > 0
@@ -318,18 +304,18 @@ class AlbuBackend:
         return len(self.table.corrupt)
 
     def batches(self, order: np.ndarray, batch_size: int, epoch: int,
-                start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                start_step: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
         if self._loader is None:
             raise RuntimeError("AlbuBackend is closed")
         order = np.asarray(order, dtype=np.int64)
-        if batch_size <= 0 or len(order) % batch_size:
-            raise ValueError(f"order of {len(order)} ids is not a whole number of batches of {batch_size}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= start_step <= len(order) // batch_size:
             raise ValueError(f"start_step {start_step} is outside 0..{len(order) // batch_size}")
         return self._iterate(int(epoch), order, int(batch_size), int(start_step))
 
     def _iterate(self, epoch: int, order: np.ndarray, batch_size: int,
-                 start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 start_step: int) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
         plan = self._plan  # set when iteration starts, so only the running generator owns the workers
         plan.epoch, plan.order, plan.batch_size, plan.start = epoch, order, batch_size, start_step
         if len(plan) == 0:
@@ -337,7 +323,7 @@ class AlbuBackend:
         for images, labels, corrupt in self._loader:
             for sid, reason in corrupt:
                 self.table.mark_corrupt(sid, reason)
-            yield images, labels
+            yield images, [tuple(x) for x in labels]  # pinning turns tuples into lists
 
     def close(self) -> None:
         """Stop the workers now (a stage switch builds a new backend)."""
