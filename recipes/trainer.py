@@ -51,7 +51,8 @@ class RunResult:
 def train(cfg: TrainConfig) -> RunResult:
     """Run ``cfg`` to the end (or to ``cfg.stop_at``); rank 0 prints, logs and writes checkpoints."""
     from effnetv2.model import create_model
-    from effnetv2.pipeline import build_train_loader, read_shard_set
+    from effnetv2.pipeline.loader import build_train_loader
+    from effnetv2.pipeline.shards import read_shard_set
 
     info = distributed.init(cfg.device)
     device, main = info.device, info.is_main
@@ -137,7 +138,8 @@ def train(cfg: TrainConfig) -> RunResult:
             continue  # trained and evaluated before the resume
         t_setup = time.perf_counter()
         loader = build_train_loader(
-            shards, local_batch, stage.image_size, stage.randaug_magnitude, stage.mixup_alpha,
+            shards, local_batch, stage.image_size,
+            stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha,
             stage.cutmix_alpha, num_classes=num_classes, device=str(device), backend=cfg.backend,
             rank=info.rank, world_size=info.world_size, seed=cfg.seed, randaug_layers=cfg.randaug_layers,
             split=cfg.train_split, num_workers=cfg.num_workers)
@@ -236,7 +238,7 @@ def evaluate(model: nn.Module, shards, cfg: TrainConfig, info: distributed.DistI
     A prediction is correct when it is one of the sample's labels, so the same code scores multi-label
     data; there ``precision@k`` (labels among the top k, divided by k) is reported too.
     """
-    from effnetv2.pipeline import build_eval_loader
+    from effnetv2.pipeline.loader import build_eval_loader
 
     size = cfg.eval_size or model.config.eval_size
     batch = (cfg.eval_batch_size or cfg.batch_size) // info.world_size
