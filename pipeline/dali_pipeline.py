@@ -79,8 +79,8 @@ def jpeg_size(data: np.ndarray | bytes) -> tuple[int, int]:
 
 
 def random_crop_windows(rng: np.random.Generator, hw: np.ndarray, area=AREA, aspect=ASPECT,
-                        attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Random-resized-crop windows, normalised ``(x, y)`` anchors and ``(w, h)`` shapes, one per image.
+                        attempts: int = 10) -> np.ndarray:
+    """Random-resized-crop windows ``(x0, y0, w, h)`` in pixels (int32, one row per image).
 
     Up to ``attempts`` draws of area fraction ~ U(area) and log-aspect ~ U(log aspect) per image; the
     first that fits wins; if none fits the whole image is used. Vectorised over the batch.
@@ -99,9 +99,7 @@ def random_crop_windows(rng: np.random.Generator, hw: np.ndarray, area=AREA, asp
     u = rng.random((n, 2))
     x0 = np.floor(u[:, 0] * (w[:, 0] - cw + 1))
     y0 = np.floor(u[:, 1] * (h[:, 0] - ch + 1))
-    anchor = np.stack([x0 / w[:, 0], y0 / h[:, 0]], 1).astype(np.float32)
-    shape = np.stack([cw / w[:, 0], ch / h[:, 0]], 1).astype(np.float32)
-    return anchor, shape
+    return np.stack([x0, y0, cw, ch], 1).astype(np.int32)
 
 
 def eval_crop_ratio(image_size: int, crop_ratio: float | None = None) -> float:
@@ -113,17 +111,28 @@ def eval_crop_ratio(image_size: int, crop_ratio: float | None = None) -> float:
     return 1.0 if image_size >= WHOLE_IMAGE_FROM else image_size / (image_size + CROP_PADDING)
 
 
-def centre_crop_windows(hw: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Centre square of side ``ratio * min(h, w)``; ``ratio == 1`` means the whole image (no crop)."""
-    h, w = hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64)
+def centre_crop_windows(hw: np.ndarray, ratio: float) -> np.ndarray:
+    """Centre square of side ``int(ratio * min(h, w))`` (official); ``ratio == 1`` is the whole image."""
+    h, w = hw[:, 0], hw[:, 1]
     if ratio >= 1.0:
-        n = len(hw)
-        return np.zeros((n, 2), np.float32), np.ones((n, 2), np.float32)
-    side = np.floor(ratio * np.minimum(h, w))
-    x0, y0 = np.floor((w - side + 1) / 2), np.floor((h - side + 1) / 2)
-    anchor = np.stack([x0 / w, y0 / h], 1).astype(np.float32)
-    shape = np.stack([side / w, side / h], 1).astype(np.float32)
-    return anchor, shape
+        return np.stack([np.zeros_like(w), np.zeros_like(h), w, h], 1).astype(np.int32)
+    side = np.maximum((ratio * np.minimum(h, w)).astype(np.int64), 1)
+    return np.stack([(w - side + 1) // 2, (h - side + 1) // 2, side, side], 1).astype(np.int32)
+
+
+def resize_matrices(windows: np.ndarray, size: int, flip: np.ndarray | None = None) -> np.ndarray:
+    """Inverse maps (pixel-index coordinates) that resize each window to ``size`` x ``size``
+    (pixel-area aligned, as ``cv2.resize``) and optionally flip it horizontally."""
+    n = len(windows)
+    sx, sy = windows[:, 2] / size, windows[:, 3] / size
+    m = np.zeros((n, 3, 3))
+    m[:, 0, 0], m[:, 0, 2] = sx, 0.5 * sx - 0.5
+    m[:, 1, 1], m[:, 1, 2] = sy, 0.5 * sy - 0.5
+    m[:, 2, 2] = 1.0
+    if flip is not None:
+        m[flip, 0, 0] *= -1
+        m[flip, 0, 2] += sx[flip] * (size - 1)
+    return m.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class DaliConfig:
     def names(self) -> list[str]:
         """The external source's outputs, in order."""
         extra = randaugment_dali.param_names(self.layers) if self.train else []
-        return ["jpeg", "crop_a", "crop_s", *extra]
+        return ["jpeg", "crop_a", "crop_s", "resize", *extra]
 
 
 class BatchSource:
@@ -178,15 +187,15 @@ class BatchSource:
         self.pending.append(labels)
         crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
         if cfg.train:
-            anchor, shape = random_crop_windows(crop_rng, hw)
-            flip = crop_rng.random(b) < 0.5
+            win = random_crop_windows(crop_rng, hw)
+            resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
             ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
             params = randaugment_dali.sample_params(ra_rng, b, cfg.image_size, cfg.randaug_magnitude,
-                                                    cfg.layers, flip)
+                                                    cfg.layers)
         else:
-            anchor, shape = centre_crop_windows(hw, eval_crop_ratio(cfg.image_size, cfg.crop_ratio))
-            params = {}
-        nodes = {"crop_a": anchor, "crop_s": shape, **params}
+            win = centre_crop_windows(hw, eval_crop_ratio(cfg.image_size, cfg.crop_ratio))
+            resize, params = resize_matrices(win, cfg.image_size), {}
+        nodes = {"crop_a": win[:, :2], "crop_s": win[:, 2:], "resize": resize, **params}
         return (jpegs, *(np.ascontiguousarray(nodes[name]) for name in cfg.names()[1:]))
 
     def _read(self, ids: np.ndarray):
@@ -236,8 +245,9 @@ def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device
 
     decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
                "hw_decoder_load": 0.75} if device == "gpu" else {"device": "cpu"}
-    x = fn.decoders.image_slice(jpegs, p["crop_a"], p["crop_s"], output_type=types.RGB, **decoder)
-    x = fn.resize(x, size=(image_size, image_size), interp_type=types.INTERP_LINEAR, antialias=False)
+    x = fn.decoders.image_slice(jpegs, p["crop_a"], p["crop_s"], output_type=types.RGB,
+                                adjust_orientation=False, **decoder)
+    x = randaugment_dali.warp(x, p["resize"], nearest=False, size=image_size)
     if train:
         x = randaugment_dali.apply(x, p, layers, device)
     return x
@@ -251,7 +261,7 @@ def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
     threads = cfg.num_threads or len(os.sched_getaffinity(0))
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=cfg.seed,
-                  enable_conditionals=True, prefetch_queue_depth=2)
+                  enable_conditionals=True, prefetch_queue_depth=2, exec_dynamic=True)
     def pipeline():
         nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
         return augment(nodes["jpeg"], nodes, image_size=cfg.image_size, layers=cfg.layers,

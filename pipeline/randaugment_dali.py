@@ -14,29 +14,31 @@ not extrapolate, its suite differs, and on a CPU it runs 2-3x slower than OpenCV
 geometric ops use DALI's bilinear ``warp_affine`` (~1.2 ms per 224 px image on a CPU, 6x the
 nearest-neighbour one) and its colour ops use float arithmetic on whole batches.
 
-How this graph stays cheap:
+How this graph stays cheap (measured in CPU time per 224 px image on this 2-core machine):
 
 * All randomness is drawn on the host with numpy (:func:`sample_params`, seeded per step) and fed as
   per-sample inputs, so the magnitude and every choice are runtime data (no rebuild per magnitude)
   and a resumed run reproduces the same images.
-* Geometric ops never touch pixels one by one: the inverse maps of the horizontal flip and of every
-  rotate/shear/translate are multiplied into ONE matrix per warp, applied by one nearest-neighbour
-  ``warp_affine``. The colour ops stay in their official order around it: with ``n`` layers there are
-  ``n`` colour stages and ``max(n-1, 1)`` warps, ``C1 W1 C2 W2 ... Cn``; layer ``k``'s op goes to
-  colour stage ``k`` or, if geometric, into warp ``min(k, n-1)``. A colour stage whose layer drew a
-  geometric op is the identity there, so geometric ops composed into one warp are applied in the right
-  order relative to every colour op (for n=2: ``C1 W C2``, one warp per image).
-* Each colour op runs inside a DALI ``if`` on its per-sample op code, so it processes only the samples
-  that drew it (1/16 of the batch). Splitting and merging a batch costs little compared with the ops;
-  the ops are integer arithmetic (posterize ``x & mask``, solarize ``x ^ 255*(x >= t)``) or cheap DALI
-  kernels (equalize, brightness_contrast, coord_transform for Color, filter for Sharpness, erase for
-  Cutout). The flip commutes with every colour op (point ops, image statistics and a symmetric
-  kernel), and cutout's centre is uniform, so folding the flip into the first warp keeps the
-  distribution exact.
+* Geometric ops never touch pixels one by one: the inverse maps of every rotate/shear/translate of a
+  sample are multiplied into ONE matrix per warp, applied by one nearest-neighbour
+  ``warp_perspective`` (0.1 ms; DALI's bilinear ``warp_affine`` costs 1.2 ms). The colour ops keep
+  their official order around it: with ``n`` layers there are ``n`` colour stages and
+  ``max(n-1, 1)`` warps, ``C1 W1 C2 W2 ... Cn``; layer ``k``'s op goes to colour stage ``k`` or, if
+  geometric, into warp ``min(k, n-1)``. A colour stage whose layer drew a geometric op is the
+  identity, so composing geometric ops into one warp never reorders them relative to a colour op
+  (for n=2: ``C1 W C2``). The horizontal flip lives in the crop's resize warp (see
+  :mod:`.dali_pipeline`), before RandAugment as in the official code.
+* Each op runs inside a DALI ``if`` on its per-sample code (a warp only where a geometric op was
+  drawn), so it processes only the samples that drew it; splitting and merging costs next to
+  nothing. The ops avoid DALI's CPU float arithmetic (~1 ms per image): integer arithmetic for
+  posterize ``x & mask``, solarize ``x ^ 255*(x >= t)``, solarize-add and the Color/AutoContrast
+  blends; ``brightness_contrast`` for Brightness and Contrast; DALI kernels for Equalize, Sharpness
+  (``filter`` with the blended 3x3 kernel) and Cutout (``erase``).
 
 Known small differences from the TF code: Sharpness smooths the one-pixel border too (TF keeps it);
-Equalize is DALI's (OpenCV-style table, within a grey level or two of PIL's); rounding differs by at
-most one grey level.
+Equalize is DALI's (OpenCV's table: ``round((cdf - cdf_min) * 255 / (n - cdf_min))``), not PIL's
+exclusive-cumsum table, so an equalized image differs from the TF one by ~10 grey levels on
+average; the blends round where TF truncates (at most one grey level).
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ def param_names(layers: int) -> list[str]:
     """Names of the per-sample inputs the graph reads, in the order :func:`sample_params` fills them."""
     names = ["mask", "thr", "add"]
     for k in range(layers):
-        names += [f"op{k}", f"fac{k}", f"cmat{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}"]
-    return names + [f"warp{k}" for k in range(num_warps(layers))]
+        names += [f"op{k}", f"fac{k}", f"mix{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}"]
+    return names + [f"{n}{k}" for k in range(num_warps(layers)) for n in ("warp", "geo")]
 
 
 def _shift(dx: float, dy: float) -> np.ndarray:
@@ -134,12 +136,11 @@ def _inverse_map(op: str, value: float, size: int) -> np.ndarray:
     return m
 
 
-def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: float | None, layers: int,
-                  flip: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample inputs for :func:`apply`: op codes, factors, kernels, cutout boxes and warp matrices.
+def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: float | None,
+                  layers: int) -> dict[str, np.ndarray]:
+    """Per-sample inputs for :func:`apply`: op codes, factors, kernels, cutout boxes, warp matrices.
 
-    ``magnitude=None`` (no RandAugment) gives identity stages and flip-only warps. ``flip`` (bool per
-    sample) is the horizontal flip of the crop, folded into the first warp.
+    ``magnitude=None`` (no RandAugment) gives identity stages and no warps.
     """
     lv = Levels(float(magnitude or 0.0))
     ops = rng.integers(0, len(OPS), (batch, layers)) if magnitude is not None else np.full((batch, layers), -1)
@@ -150,12 +151,10 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: fl
     p: dict[str, np.ndarray] = {"mask": full((0xFF << (8 - lv.bits)) & 0xFF, np.uint8),
                                 "thr": full(lv.threshold, np.int16), "add": full(lv.addition, np.int16)}
     warps = np.tile(np.eye(3), (batch, nw, 1, 1))
-    flip_m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    warps[flip, 0] = flip_m
+    used = np.zeros((batch, nw), bool)
     f = lv.factor
     smooth = (1.0 - f) * _SMOOTH
     smooth[1, 1] += f
-    cmat = f * np.eye(3, dtype=np.float32) + (1.0 - f) * np.tile(_GREY, (3, 1))
     values = {"Rotate": lv.degrees, "ShearX": lv.shear, "ShearY": lv.shear,
               "TranslateX": lv.translate, "TranslateY": lv.translate}
     for k in range(layers):
@@ -163,40 +162,47 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: fl
         geo = (code >= 0) & _IS_GEOMETRIC[code % len(OPS)]
         p[f"op{k}"] = np.where(geo, NONE, code).astype(np.int32)
         p[f"fac{k}"] = full(f, np.float32)
-        p[f"cmat{k}"] = np.broadcast_to(cmat, (batch, 3, 3)).astype(np.float32)
+        p[f"mix{k}"] = full(round(f * 256), np.int32)
         p[f"kern{k}"] = np.broadcast_to(smooth, (batch, 3, 3)).astype(np.float32)
         lo = np.clip(centre[:, k] - lv.cutout_pad, 0, size)
         hi = np.clip(centre[:, k] + lv.cutout_pad, 0, size)
         p[f"cut_a{k}"] = lo.astype(np.float32)  # (y, x), axis_names "HW"
         p[f"cut_s{k}"] = (hi - lo).astype(np.float32)
+        w = min(k, nw - 1)
         for i in np.flatnonzero(geo):
             op = OPS[code[i]]
-            w = min(k, nw - 1)
             warps[i, w] = warps[i, w] @ _inverse_map(op, sign[i, k] * values[op], size)
-    # pixel centres at integers -> DALI's continuous coordinates (centre of pixel i at i + 0.5)
-    to_dali = _shift(0.5, 0.5) @ warps @ _shift(-0.5, -0.5)
+            used[i, w] = True
     for w in range(nw):
-        p[f"warp{w}"] = to_dali[:, w, :2].astype(np.float32)
+        p[f"warp{w}"] = warps[:, w].astype(np.float32)
+        p[f"geo{w}"] = used[:, w]
     return p
 
 
 def apply(x, p: dict, layers: int, device: str):
-    """RandAugment (and the flip) on a batch of uint8 HWC images ``x``; ``p`` holds the input nodes.
+    """RandAugment on a batch of uint8 HWC images ``x``; ``p`` maps :func:`param_names` to nodes.
 
     Must be traced inside a pipeline built with ``enable_conditionals=True``.
     """
     nw = num_warps(layers)
     for k in range(layers):
         x = _colour_stage(x, p, k, device)
-        if k < nw:
-            x = _warp(x, p[f"warp{k}"])
+        if k < nw and p[f"geo{k}"]:
+            x = warp(x, p[f"warp{k}"], nearest=True)
     return x
 
 
-def _warp(x, matrix):
+def warp(x, matrix, nearest: bool, size: int | None = None):
+    """Apply 3x3 inverse maps given in pixel-index coordinates (pixel centres at integers, as OpenCV
+    and TensorFlow's ``image.transform``). Nearest: RandAugment's ops, outside pixels are 128.
+    Bilinear (``size`` given): the crop's resize, edge pixels replicated."""
     from nvidia.dali import fn, types
 
-    return fn.warp_affine(x, matrix=matrix, fill_value=float(FILL), interp_type=types.INTERP_NN)
+    if nearest:
+        kw = {"interp_type": types.INTERP_NN, "border_mode": "constant", "fill_value": float(FILL)}
+    else:
+        kw = {"interp_type": types.INTERP_LINEAR, "border_mode": "replicate", "size": (size, size)}
+    return fn.experimental.warp_perspective(x, matrix=matrix, pixel_origin="center", **kw)
 
 
 def _colour_stage(x, p: dict, k: int, device: str):
@@ -220,10 +226,10 @@ def _colour_stage(x, p: dict, k: int, device: str):
     if op == CODE["SolarizeAdd"]:
         x = fn.cast(x + (x < np.uint8(128)) * dev(p["add"]), dtype=types.UINT8)
     if op == CODE["Color"]:
-        x = fn.coord_transform(x, M=p[f"cmat{k}"], dtype=types.UINT8)
+        x = _blend_int(x, fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY),
+                       dev(p[f"mix{k}"]))
     if op == CODE["Contrast"]:
-        mean = fn.coord_transform(fn.reductions.mean(x, axes=(0, 1), keep_dims=True), M=_GREY.tolist())
-        x = fn.cast(mean + dev(p[f"fac{k}"]) * (x - mean), dtype=types.UINT8)
+        x = fn.brightness_contrast(x, contrast=p[f"fac{k}"], contrast_center=_grey_mean(x, device))
     if op == CODE["Brightness"]:
         x = fn.brightness_contrast(x, brightness=p[f"fac{k}"])
     if op == CODE["Sharpness"]:
@@ -233,13 +239,34 @@ def _colour_stage(x, p: dict, k: int, device: str):
     return x
 
 
-def _autocontrast(x):
-    """Stretch each channel to [0, 255]; a flat channel stays as it is."""
+def _blend_int(x, degenerate, weight):
+    """PIL's ``blend(degenerate, x, f)`` in int32 fixed point (DALI's CPU float arithmetic is ~5x
+    slower): ``weight`` holds ``round(f * 256)`` per sample; the cast saturates to [0, 255]."""
     from nvidia.dali import fn, types
+
+    return fn.cast((x * weight + degenerate * (np.int32(256) - weight)) // np.int32(256), dtype=types.UINT8)
+
+
+def _grey_mean(x, device: str):
+    """The image's mean grey level rounded to an integer (PIL's Contrast centre), as a per-sample
+    scalar on the CPU (an argument input of ``brightness_contrast``)."""
+    from nvidia.dali import fn
     from nvidia.dali import math as dmath
 
-    lo = fn.cast(fn.reductions.min(x, axes=(0, 1)), dtype=types.FLOAT)
-    hi = fn.cast(fn.reductions.max(x, axes=(0, 1)), dtype=types.FLOAT)
-    ok = fn.cast(hi > lo, dtype=types.FLOAT)
-    scale = ok * (255.0 / dmath.max(hi - lo, 1.0) - 1.0) + 1.0
-    return fn.cast((x - ok * lo) * scale, dtype=types.UINT8)
+    m = fn.reductions.mean(x, axes=(0, 1))
+    m = dmath.floor(m[0] * float(_GREY[0]) + m[1] * float(_GREY[1]) + m[2] * float(_GREY[2]) + 0.5)
+    return m.cpu() if device == "gpu" else m
+
+
+def _autocontrast(x):
+    """Stretch each channel to [0, 255] (a flat channel stays as it is), in int32 fixed point:
+    ``(x - lo) * floor(255 * 2**23 / (hi - lo)) // 2**23`` cannot overflow since x - lo <= hi - lo."""
+    from nvidia.dali import fn, types
+
+    lo = fn.cast(fn.reductions.min(x, axes=(0, 1)), dtype=types.INT32)
+    hi = fn.cast(fn.reductions.max(x, axes=(0, 1)), dtype=types.INT32)
+    flat = fn.cast(hi <= lo, dtype=types.INT32)
+    one = np.int32(1 << 23)
+    scale = (np.int32(255) * one) // (hi - lo + flat) * (np.int32(1) - flat) + one * flat
+    lo = lo * (np.int32(1) - flat)
+    return fn.cast(((x - lo) * scale) // one, dtype=types.UINT8)
