@@ -237,3 +237,13 @@ def test_bad_arguments_are_refused(train_table):
         backend.batches(np.arange(32), 16, 0)
     with pytest.raises(ValueError, match="crop_ratio"):
         AlbuBackend(train_table, S, num_workers=0, train=False, crop_ratio=1.5)
+
+
+@pytest.mark.gpu
+def test_pinned_batches_for_a_cuda_device(train_table):
+    backend = AlbuBackend(train_table, S, 9, num_workers=2, pin_memory=True)
+    order = epoch_order(len(train_table), 0, 0, 0, 1, 16)
+    for x, y in backend.batches(order, 16, 0):
+        assert x.is_pinned() and x.shape == (16, S, S, 3)
+        assert all(isinstance(lab, tuple) and lab for lab in y)
+    backend.close()
