@@ -137,6 +137,9 @@ def test_same_seed_same_batches_whatever_the_worker_count(train_table):
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))  # the trainer's global torch RNG is left alone
     assert _same(a, b)
+    abandoned = parallel.batches(order, 16, 0)
+    next(abandoned)
+    abandoned.close()  # batches still in flight in the workers must not leak into the next call
     assert _same(_collect(parallel, order, start_step=2), a[2:])  # resume mid-epoch
     assert _same(_collect(parallel, order[:32], batch_size=8), [(x[i:i + 8], y[i:i + 8])
                                                                 for x, y in a[:2] for i in (0, 8)])
