@@ -148,7 +148,8 @@ class DaliConfig:
 
     @property
     def layers(self) -> int:
-        return self.randaug_layers if self.train and self.randaug_magnitude is not None else 1
+        """RandAugment layers in the graph: none when it is off (no conditionals are traced at all)."""
+        return self.randaug_layers if self.train and self.randaug_magnitude is not None else 0
 
     def names(self) -> list[str]:
         """The external source's outputs, in order."""

@@ -102,12 +102,12 @@ class Levels:
 
 
 def num_warps(layers: int) -> int:
-    return max(layers - 1, 1)
+    return max(layers - 1, 1) if layers > 0 else 0
 
 
 def param_names(layers: int) -> list[str]:
     """Names of the per-sample inputs the graph reads, in the order :func:`sample_params` fills them."""
-    names = ["mask", "thr", "add"]
+    names = ["mask", "thr", "add"] if layers else []
     for k in range(layers):
         names += [f"op{k}", f"fac{k}", f"mix{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}"]
     return names + [f"{n}{k}" for k in range(num_warps(layers)) for n in ("warp", "geo")]
@@ -136,16 +136,20 @@ def _inverse_map(op: str, value: float, size: int) -> np.ndarray:
     return m
 
 
-def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: float | None,
-                  layers: int) -> dict[str, np.ndarray]:
+def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: float | None, layers: int,
+                  ops: np.ndarray | None = None, sign: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-sample inputs for :func:`apply`: op codes, factors, kernels, cutout boxes, warp matrices.
 
-    ``magnitude=None`` (no RandAugment) gives identity stages and no warps.
+    ``magnitude=None`` (no RandAugment) gives identity stages and no warps. ``ops`` (indices into
+    :data:`OPS`, shape (batch, layers)) and ``sign`` (+-1.0) replace the random draws when given,
+    to replay a known policy.
     """
     lv = Levels(float(magnitude or 0.0))
-    ops = rng.integers(0, len(OPS), (batch, layers)) if magnitude is not None else np.full((batch, layers), -1)
-    sign = np.where(rng.random((batch, layers)) < 0.5, -1.0, 1.0)
+    drawn = rng.integers(0, len(OPS), (batch, layers)) if magnitude is not None else np.full((batch, layers), -1)
+    drawn_sign = np.where(rng.random((batch, layers)) < 0.5, -1.0, 1.0)
     centre = rng.integers(0, size, (batch, layers, 2))
+    ops = drawn if ops is None else np.asarray(ops)
+    sign = drawn_sign if sign is None else np.asarray(sign, np.float64)
     nw = num_warps(layers)
     full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
     p: dict[str, np.ndarray] = {"mask": full((0xFF << (8 - lv.bits)) & 0xFF, np.uint8),
