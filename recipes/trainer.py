@@ -281,9 +281,12 @@ def _sync_stats(step_fn: TrainStep, steps: int, stage: Stage) -> tuple[float, fl
 
 
 def _check_finite_weights(model: nn.Module, ema: EMA, step: int) -> None:
-    tensors = [p.detach() for p in model.parameters()] + [p for p in ema.module.parameters()]
+    """Parameters and BN statistics of the model and the EMA: a checkpoint must never hold NaN/inf
+    (the loss of step k is finite while the update it makes may not be)."""
+    tensors = [t for m in (model, ema.module) for t in m.state_dict().values() if t.is_floating_point()]
     if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise NonFiniteLoss(f"weights became non-finite by step {step}; not writing a checkpoint")
+        raise NonFiniteLoss(f"weights or BN statistics became non-finite by step {step}; "
+                            f"stopped without writing a checkpoint")
 
 
 def _find_resume(out: Path, cfg: TrainConfig, main: bool) -> tuple[Path, dict] | None:

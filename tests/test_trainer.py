@@ -7,33 +7,35 @@ import math
 
 import pytest
 import torch
-from trainer_fixtures import photo_shards, tiny_config
+from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
 from effnetv2.recipes import checkpoint
+from effnetv2.recipes.optim import RMSpropTF
 from effnetv2.recipes.trainer import NonFiniteLoss, train
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, photos):
-    return photo_shards(tmp_path_factory.mktemp("trainer-shards"), photos)
+    return photo_shards(tmp_path_factory.mktemp("trainer-shards"), photos, classes=2)
 
 
+@pytest.mark.slow
 def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
-    cfg = tiny_config(shards, tmp_path / "run", epochs=6.0, lr_per_256=0.1, warmup_epochs=0.5)
+    cfg = tiny_config(shards, tmp_path / "run", epochs=6.0)
     result = train(cfg)
     assert result.finished and result.step == result.total_steps == 48  # 6 epochs of 64 // 8
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["event"] == "train"]
+    losses = [r["loss"] for r in records if r["event"] == "train"]  # each the mean of 4 steps
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses
     stages = [r for r in records if r["event"] == "stage"]
     assert [(s["image_size"], s["first_step"], s["end_step"]) for s in stages] == [(32, 0, 24), (40, 24, 48)]
     assert [s["randaug"] for s in stages] == [0.0, 3.0] and [s["dropout"] for s in stages] == [0.0, 0.1]
-    assert stages == result.stages
+    assert [{k: v for k, v in s.items() if k not in ("time", "event", "step")} for s in stages] == result.stages
     last = result.stages[-1]
     assert last["eval_samples"] == 32 and last["eval_size"] == 40
-    assert last["top1"] > 0.4  # 4 classes: chance is 0.25
-    assert 0 < last["imgs_per_s"] and last["top1"] <= last["top5"] <= 1.0
+    assert last["top1"] >= 0.8  # 2 classes: chance is 0.5
+    assert last["imgs_per_s"] > 0 and last["top5"] == 1.0  # top-5 of 2 classes
     # a checkpoint per stage end; the last one holds what the run ended with
     assert result.checkpoint == checkpoint.checkpoint_path(tmp_path / "run", 48)
     state = checkpoint.load(result.checkpoint)
@@ -41,16 +43,34 @@ def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "efficientnetv2-demo"
 
 
-def test_nan_loss_stops_naming_the_step_without_a_bad_checkpoint(shards, tmp_path):
+def test_nan_loss_stops_naming_the_step_without_a_bad_checkpoint(shards, tmp_path, monkeypatch):
+    """A weight turns NaN in the update of step 5 (as a diverging run's would): the loss of step 6 is
+    NaN; the check at the next log interval (step 8) names step 6, and the checkpoint due at step 8
+    is not written."""
+    real_step, calls = RMSpropTF.step, []
+
+    def poisoned_step(self, lr, skip=None):
+        real_step(self, lr, skip)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+
+    monkeypatch.setattr(RMSpropTF, "step", poisoned_step)
     out = tmp_path / "run"
-    cfg = tiny_config(shards, out, lr_per_256=1e12, warmup_epochs=0.0, log_every=2, ckpt_every=2)
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step (\d+)") as err:
-        train(cfg)
-    bad = int(err.value.args[0].split("at step ")[1].split()[0])
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 6 \(stage 1, 32px\)"):
+        train(tiny_config(shards, out, log_every=4, ckpt_every=4))
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt-000000004.pt"]
+
+
+def test_diverging_run_never_checkpoints_non_finite_weights(shards, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        train(tiny_config(shards, out, lr_per_256=1e12, warmup_epochs=0.0, log_every=2, ckpt_every=2))
     for path in checkpoint.list_checkpoints(out):
         state = checkpoint.load(path)
-        assert state["step"] <= bad, f"{path.name} written after the non-finite step {bad}"
-        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+        for part in ("model", "ema"):
+            assert all(torch.isfinite(t).all() for t in state[part].values() if t.is_floating_point())
 
 
 def test_existing_run_needs_resume_or_fresh(shards, tmp_path):

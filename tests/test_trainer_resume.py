@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from trainer_fixtures import photo_shards, tiny_config
+from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
 from effnetv2.recipes import checkpoint
 from effnetv2.recipes.trainer import train
@@ -75,7 +75,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(shards, tmp_path, capsys):
     script.write_text(f"RUN = {run!r}\n" + _KILLER)
     tests_dir = os.path.dirname(__file__)
     proc = subprocess.run([sys.executable, str(script), tests_dir, str(shards), str(out), "12"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == [
         "ckpt-000000012.pt", "ckpt-000000009.pt", "ckpt-000000008.pt"]
