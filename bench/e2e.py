@@ -13,7 +13,8 @@ series runs, the real loader's workers would otherwise fill their prefetch queue
 ``trainer + loader`` / ``trainer + synthetic`` is the loader's cost, the number users care about
 (1.0 = the loader is free). ``loader alone`` / ``trainer + synthetic`` is the loader's headroom (goal on
 a GPU: >= 3x). The stage switch (close the old loader and release the step's graph, build the new
-loader, first batch, the step's own warm-up/capture/compile) is timed per stage and reported in seconds.
+loader, first batch, the first step at the new size: with CUDA graphs the step's eager warm-up and
+capture, with ``torch.compile`` the recompilation) is timed per stage and reported in seconds.
 
 Default on a CPU: efficientnetv2-b0's plan at batch 32 (S does ~3 img/s at 300 px on 2 cores); on a
 GPU: efficientnetv2-s at batch 128, bf16, CUDA graphs.
@@ -22,6 +23,7 @@ GPU: efficientnetv2-s at batch 128, bf16, CUDA graphs.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -88,7 +90,7 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
         sync()
         t_first = time.perf_counter()
         fixed = (images.clone(), targets.clone())  # the synthetic batch: same shape, dtype, layout, device
-        for _ in range(step_fn.warmup_steps + 1):  # eager warm-up, then capture (GPU) or compile
+        for _ in range(step_fn.warmup_steps + 1 if step_fn.cuda_graph else 1):  # + capture, or compile
             step_fn(*fixed)
         sync()
         t_ready = time.perf_counter()
@@ -97,11 +99,12 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
                          "first_batch_s": t_first - t_built, "step_warmup_s": t_ready - t_first,
                          "total_s": t_ready - t0})
 
-        timings = _measure_series(step_fn, batches, fixed, batch_size, sync, warmup=warmup, reps=reps,
+        drain = 2 * (workers or len(os.sched_getaffinity(0))) + 4
+        timings = _measure_series(step_fn, batches, fixed, batch_size, sync, drain, warmup=warmup, reps=reps,
                                   per_rep=per_rep)
         for series, timing in timings.items():
             report.add(Row(series, point, timing, note=f"backend {loader.backend_name}", params=params))
-        position += 1 + (warmup + reps * per_rep) * 2
+        position += 1 + (drain + warmup + reps * per_rep) * 2
         batches.close()
         report.add_ratio("loader cost: real / synthetic", point, SERIES[0], SERIES[1])
         report.add_ratio("loader headroom: loader alone / synthetic", point, SERIES[2], SERIES[1])
@@ -116,8 +119,13 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
     return report
 
 
-def _measure_series(step_fn, batches, fixed, batch_size: int, sync, **timing_args) -> dict:
-    """The three series of one stage, one after the other (see the module docstring for why)."""
+def _measure_series(step_fn, batches, fixed, batch_size: int, sync, drain: int, **timing_args) -> dict:
+    """The three series of one stage, one after the other (see the module docstring for why).
+
+    Before each series that reads the loader, ``drain`` batches are thrown away untimed: the loader's
+    prefetch queues (DataLoader: 2 batches per worker; DALI: a few) fill up while nothing reads them,
+    and batches that were ready before the clock started would flatter the loader.
+    """
 
     def real() -> int:
         step_fn(*next(batches))
@@ -131,8 +139,13 @@ def _measure_series(step_fn, batches, fixed, batch_size: int, sync, **timing_arg
         next(batches)
         return batch_size
 
-    return {series: measure({series: fn}, sync=sync, **timing_args)[series]
-            for series, fn in zip(SERIES, (real, synthetic, alone))}
+    timings = {}
+    for series, fn in zip(SERIES, (real, synthetic, alone)):
+        if fn is not synthetic:
+            for _ in range(drain):
+                next(batches)
+        timings[series] = measure({series: fn}, sync=sync, **timing_args)[series]
+    return timings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
