@@ -3,9 +3,12 @@
 Inputs are the corpus look-alikes (:mod:`effnetv2.bench.corpus`) written as files twice: as JPEGs,
 which the sharder checks and copies byte-for-byte (the common case), and as PNGs of the same pixels,
 which it must decode and re-encode (the conversion case). For each input the same bytes are also
-copied raw into one file (read, write, fsync: what ``cp`` does, the floor any sharder pays). If the
-sharder's imgs/s on JPEGs is close to the raw copy's, sharding is disk-bound; if it is far below and
-scales with workers, Python (or the JPEG check) is the limit. Per-core figures are in the notes.
+copied raw into one file (read, write, fsync: what ``cp`` does, the floor any sharder pays), and run
+through the sharder's per-image check alone (:func:`~effnetv2.pipeline.images.check_image`, one process,
+nothing written). If the sharder's imgs/s on JPEGs is close to the raw copy's, sharding is disk-bound;
+if it is far below, compare one worker with the check alone: near it, the check is the cost; far
+below it, the rest of the sharder (tar writing, fsyncs, process pool) is. Per-core figures are in the
+notes column.
 
 Both runs read inputs that were just written, hence from the page cache: on a cold disk both slow
 down by the same read cost, which only makes the copy case more disk-bound.
@@ -23,6 +26,7 @@ from .report import Report, Row
 from .timing import measure
 
 RAW = "raw copy of the same bytes"
+CHECK = "check_image only, 1 process"
 
 
 def _to_png(paths: tuple[Path, Path]) -> Path:
@@ -58,6 +62,15 @@ def raw_copy(files: list[Path], dest: Path) -> int:
     return len(files)
 
 
+def check_files(files: list[Path]) -> int:
+    """Read each file and run the sharder's per-image check/convert, writing nothing: the CPU floor."""
+    from effnetv2.pipeline.images import check_image
+
+    for f in files:
+        check_image(f.read_bytes())
+    return len(files)
+
+
 def shard_files(files: list[Path], dest: Path, workers: int, shard_size: int) -> int:
     """Shard ``files`` (labels: index mod 10) with the project's sharder; returns the sample count."""
     from effnetv2.pipeline.sharding import SourceItem, write_shard_set
@@ -81,14 +94,15 @@ def run_shard_bench(n: int = 1000, *, workers: int | None = None, reps: int = 3,
         inputs = make_inputs(root / "in", n, seed, workers)
         for point, files in inputs.items():
             size = sum(f.stat().st_size for f in files)
-            steps = {RAW: lambda f=files: _in_fresh_folder(root, lambda out: raw_copy(f, out / "all.bin"))}
+            steps = {RAW: lambda f=files: _in_fresh_folder(root, lambda out: raw_copy(f, out / "all.bin")),
+                     CHECK: lambda f=files: check_files(f)}
             for w in counts:
                 steps[f"effnetv2 shard, {w} worker{'s' * (w > 1)}"] = lambda f=files, w=w: _in_fresh_folder(
                     root, lambda out: shard_files(f, out / "shards", w, shard_size))
             for series, timing in measure(steps, warmup=0, reps=reps, per_rep=1).items():
-                w = 1 if series == RAW else int(series.split(", ")[1].split()[0])
+                w = 1 if series in (RAW, CHECK) else int(series.split(", ")[1].split()[0])
                 mib_s = timing.median * size / len(files) / 2**20
-                unit = "process" if series == RAW else "worker"
+                unit = "process" if series in (RAW, CHECK) else "worker"
                 report.add(Row(series, point, timing, note=f"{mib_s:,.0f} MiB/s; {timing.median / w:,.0f} imgs/s "
                                                            f"per {unit}",
                                params={"workers": w, "bytes": size, "files": len(files)}))

@@ -184,12 +184,12 @@ def test_e2e_bench(corpus, tmp_path):
 
 
 def test_shard_bench(tmp_path):
-    from effnetv2.bench.shard import RAW, run_shard_bench
+    from effnetv2.bench.shard import CHECK, RAW, run_shard_bench
 
     report = run_shard_bench(6, workers=1, reps=1, shard_size=4, tmp=tmp_path)
     data = _check_outputs(publish(report, tmp_path / "out", quiet=True), "shard")
     assert {r["point"] for r in data["rows"]} == {"JPEG in (copied)", "PNG in (converted)"}
-    assert {r["series"] for r in data["rows"]} == {RAW, "effnetv2 shard, 1 worker"}
+    assert {r["series"] for r in data["rows"]} == {RAW, CHECK, "effnetv2 shard, 1 worker"}
     assert all(r["status"] == "ok" for r in data["rows"])
     assert [r.name for r in tmp_path.iterdir()] == ["out"]  # inputs and outputs were cleaned up
 
