@@ -142,9 +142,13 @@ class DaliConfig:
     randaug_magnitude: float | None = None
     randaug_layers: int = 2
     crop_ratio: float | None = None
-    on_gpu: bool = False
+    device_id: int | None = None  # CUDA device for the GPU pipeline; None: all on the CPU
     num_threads: int | None = None
     seed: int = 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_id is not None
 
     @property
     def layers(self) -> int:
@@ -160,14 +164,15 @@ class DaliConfig:
 class BatchSource:
     """The pipeline's external source: per call the next step's encoded images and random choices.
 
-    Labels do not go through DALI: they wait in :attr:`pending` (DALI returns batches in call order).
+    Labels do not go through DALI: they wait in :attr:`pending` with their step (DALI returns batches
+    in call order).
     A sample that is not a complete JPEG is reported (:meth:`SampleTable.mark_corrupt`), replaced by a
     good sample of the same batch for decoding, and its labels are ``()`` so the loader can drop it.
     """
 
     def __init__(self, table: SampleTable, cfg: DaliConfig):
         self.table, self.cfg = table, cfg
-        self.pending: deque[list[tuple[int, ...]]] = deque()
+        self.pending: deque[tuple[int, list[tuple[int, ...]]]] = deque()  # (step, labels) in flight
         self.start(np.zeros(0, np.int64), 1, 0, 0)
 
     def start(self, order: np.ndarray, batch_size: int, epoch: int, start_step: int) -> None:
@@ -185,7 +190,7 @@ class BatchSource:
         self.step += 1
         ids = self.order[step * b : (step + 1) * b]
         jpegs, labels, hw = self._read(ids)
-        self.pending.append(labels)
+        self.pending.append((step, labels))
         crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
         if cfg.train:
             win = random_crop_windows(crop_rng, hw)
@@ -258,10 +263,9 @@ def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
     from nvidia.dali import fn, pipeline_def
 
     names = cfg.names()
-    device_id = torch.cuda.current_device() if cfg.on_gpu else None
-    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+    threads = max(cfg.num_threads or len(os.sched_getaffinity(0)), 1)
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=cfg.seed,
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=cfg.device_id, seed=cfg.seed,
                   enable_conditionals=True, prefetch_queue_depth=2, exec_dynamic=True)
     def pipeline():
         nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
@@ -273,28 +277,45 @@ def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
     return pipe
 
 
+def _dali_decodes(data: np.ndarray, cfg: DaliConfig) -> bool:
+    """Whether DALI's decoder (on the configured device) accepts one encoded image."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=cfg.device_id, prefetch_queue_depth=1)
+    def one():
+        jpeg = fn.external_source(source=lambda: [np.array(data)], batch=True)
+        return fn.decoders.image(jpeg, device="mixed" if cfg.on_gpu else "cpu", adjust_orientation=False)
+
+    try:
+        pipe = one()
+        pipe.build()
+        pipe.run()
+    except RuntimeError:
+        return False
+    return True
+
+
 class DaliBackend:
     """Runs the DALI pipeline over a given sample order; the loader's backend interface.
 
     Yields ``(images, labels)``: uint8 ``(B, S, S, 3)`` tensors (on the GPU for ``on_gpu``) and the
     label tuples of each row (``()`` for a corrupt sample). The pipeline is built once per batch size
-    and kept across epochs; :meth:`close` frees it (stage switch).
+    and kept across epochs; :meth:`close` frees it (stage switch). If DALI still fails on a batch
+    (a file that passes :func:`jpeg_size` but not the decoder), the culprit is found by decoding the
+    batch's samples one by one, reported, and the pipeline rebuilt to continue at the same step.
     """
 
     def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None,
                  randaug_layers: int, num_workers: int | None, seed: int, train: bool,
-                 crop_ratio: float | None = None, on_gpu: bool = False):
-        self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, on_gpu,
+                 crop_ratio: float | None = None, device_id: int | None = None):
+        self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, device_id,
                               num_workers, seed)
         self.source = BatchSource(table, self.cfg)
         self._pipe, self._batch = None, 0
 
     def batches(self, order: np.ndarray, batch_size: int, epoch: int,
                 start_step: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
-        if self._pipe is None or self._batch != batch_size:
-            self.close()
-            self._pipe, self._batch = build_pipeline(self.cfg, batch_size, self.source), batch_size
-        pipe = self._pipe
+        pipe = self._pipeline(batch_size)
         self.source.start(order, batch_size, epoch, start_step)
         done = False
         try:
@@ -304,9 +325,32 @@ class DaliBackend:
                 except StopIteration:
                     done = True
                     return
-                yield self._to_torch(out), self.source.pending.popleft()
+                except RuntimeError as err:  # a sample passed the header check but broke the decoder
+                    step = self.source.pending[0][0]
+                    self._drop_undecodable(order[step * batch_size : (step + 1) * batch_size], err)
+                    self._pipe = None  # a DALI pipeline that raised is no longer usable
+                    pipe = self._pipeline(batch_size)
+                    self.source.start(order, batch_size, epoch, step)
+                    continue
+                _, labels = self.source.pending.popleft()
+                yield self._to_torch(out), labels
         finally:
             self._rewind(pipe, drain=not done)
+
+    def _pipeline(self, batch_size: int):
+        if self._pipe is None or self._batch != batch_size:
+            self.close()
+            self._pipe, self._batch = build_pipeline(self.cfg, batch_size, self.source), batch_size
+        return self._pipe
+
+    def _drop_undecodable(self, ids: np.ndarray, err: Exception) -> None:
+        """Find the samples of a failed batch that DALI's decoder rejects, one by one, and report them
+        (the source then substitutes them); re-raise if none is to blame."""
+        culprits = [int(i) for i in ids if not _dali_decodes(self.source.table.read_sample(int(i))[0], self.cfg)]
+        if not culprits:
+            raise RuntimeError(f"DALI pipeline failed on a batch whose samples all decode alone: {err}") from err
+        for i in culprits:
+            self.source.table.mark_corrupt(i, "DALI's decoder rejects it")
 
     def _rewind(self, pipe, drain: bool) -> None:
         """Ready the pipeline for the next ``batches`` call; if abandoned mid-epoch, first drain the
@@ -329,12 +373,16 @@ class DaliBackend:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()
-            dst = torch.empty(t.shape(), dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
-            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream())
+            dst = torch.empty(t.shape(), dtype=torch.uint8, device=torch.device("cuda", self.cfg.device_id))
+            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dst.device))
             return dst
         return torch.from_numpy(out.as_array())
 
     def close(self) -> None:
+        """Drop the pipeline; on a GPU also hand DALI's pooled device memory back (stage switch)."""
         if self._pipe is not None:
-            del self._pipe
             self._pipe = None
+            if self.cfg.on_gpu:
+                from nvidia.dali.backend import ReleaseUnusedMemory
+
+                ReleaseUnusedMemory()

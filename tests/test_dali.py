@@ -214,3 +214,24 @@ def test_batch_finishing_and_mixing_never_sync_the_host(small_shards):
     assert images.is_cuda and targets.is_cuda
     assert torch.allclose(targets.sum(1), torch.ones(16, device="cuda"))
     loader.close()
+
+
+def test_a_sample_that_fools_the_header_check_is_found_and_dropped(tmp_path, photos, monkeypatch):
+    """If DALI's decoder fails on a batch anyway, the backend finds the culprit, reports it with its
+    shard and key, rebuilds the pipeline and continues at the same step (nothing repeated or lost)."""
+    from effnetv2.pipeline import dali_pipeline
+    from effnetv2.pipeline.sampler import CorruptSampleWarning, SampleTable
+    from effnetv2.pipeline.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "train-000000.tar") as w:
+        for i, img in enumerate(random_crops(photos, 8, seed=5)):
+            data = jpeg_bytes(img)
+            w.write(f"k{i}", {"jpg": data[: len(data) // 2] if i == 6 else data, "cls": str(i).encode()})
+    check = dali_pipeline.jpeg_size
+    monkeypatch.setattr(dali_pipeline, "jpeg_size", lambda data: check(bytes(data) + b"\xff\xd9"))
+    table = SampleTable.from_shards([tmp_path / "train-000000.tar"], num_classes=8)
+    backend = dali_pipeline.DaliBackend(table, 32, None, 2, 1, 0, False)
+    with pytest.warns(CorruptSampleWarning, match=r"train-000000.tar sample 'k6'.*rejects"):
+        got = [labels for _, labels in backend.batches(np.arange(8), 2, 0)]
+    assert got == [[(0,), (1,)], [(2,), (3,)], [(4,), (5,)], [(), (7,)]]
+    backend.close()
