@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .peers import PeerConfig, Point, measure_peer, missing, run_elsewhere
@@ -108,45 +108,64 @@ def _add_result(report: Report, series: str, point: str, result: dict, params: d
     report.add(Row(series, point, timing, result["status"], result.get("note", ""), params))
 
 
-def run_loader_bench(shards: Path, points: list[Point], cfg: PeerConfig, *, warmup: int = 3, reps: int = 5,
-                     per_rep: int = 6, peer_python: str | None = None, only: list[str] | None = None) -> Report:
-    """Measure every series at every point; ``only`` restricts to series whose name contains one of them."""
-    import torch
-
-    def wanted(series: str) -> bool:
-        return not only or any(o in series for o in only)
-
-    report = Report("loader", f"train loader imgs/s, batch {cfg.batch_size}, {cfg.workers} workers/threads")
-    report.config = {"shards": str(shards), "points": [asdict(p) for p in points], **asdict(cfg),
-                     "warmup_batches": warmup, "reps": reps, "batches_per_rep": per_rep,
-                     "peer_python": peer_python}
-    timing_args = {"warmup": warmup, "reps": reps, "per_rep": per_rep}
-    gpu = "cuda" if torch.cuda.is_available() else "cpu"
+def _measure_all_ours(report: Report, shards: Path, points: list[Point], cfg: PeerConfig, wanted,
+                      timing_args: dict) -> None:
     from effnetv2.recipes.doctor import collect, usable_backends
 
     usable = usable_backends(collect())
     for (backend, device), (series, key) in OURS.items():
         if not wanted(series):
             continue
-        reason = usable[key]
         for p in points:
             params = {**asdict(p), "backend": backend, "device": device}
-            if reason:
-                report.add(Row(series, p.label, None, "n/a", reason, params))
+            if usable[key]:
+                report.add(Row(series, p.label, None, "n/a", usable[key], params))
                 continue
             try:
                 timing = measure_ours(shards, backend, device, p, cfg, **timing_args)
                 report.add(Row(series, p.label, timing, params=params))
             except Exception as e:  # noqa: BLE001 - report it and go on with the other series
                 report.add(Row(series, p.label, None, "error", f"{type(e).__name__}: {e}", params))
+
+
+def _add_ratios(report: Report, points: list[Point]) -> None:
+    """Per point: our best CPU path, and DALI GPU when measured, over each peer."""
+    for p in points:
+        ours = [r for r in report.rows if r.point == p.label and r.timing and r.series.startswith("ours ")]
+        cpu = [r for r in ours if r.series != "ours dali-gpu"]
+        best = [max(cpu, key=lambda r: r.timing.median)] if cpu else []
+        for row in best + [r for r in ours if r.series == "ours dali-gpu"]:
+            name = f"best CPU ({row.series})" if row in best else row.series
+            for peer in ("torchvision", "albumentations"):
+                report.add_ratio(f"{name} / peer {peer}", p.label, row.series, f"peer {peer}")
+
+
+def run_loader_bench(shards: Path, points: list[Point], cfg: PeerConfig, *, warmup: int = 3, reps: int = 5,
+                     per_rep: int = 6, peer_python: str | None = None, only: list[str] | None = None) -> Report:
+    """Measure every series at every point, one series after the other (each loader runs alone on the
+    machine); ``only`` keeps the series whose name contains one of its strings."""
+    import torch
+
+    from effnetv2.pipeline.shards import read_shard_set
+
+    def wanted(series: str) -> bool:
+        return not only or any(o in series for o in only)
+
+    cfg = replace(cfg, num_classes=read_shard_set(shards).num_classes)  # the peers' one-hot width
+    report = Report("loader", f"train loader imgs/s, batch {cfg.batch_size}, {cfg.workers} workers/threads")
+    report.config = {"shards": str(shards), "points": [asdict(p) for p in points], **asdict(cfg),
+                     "warmup_batches": warmup, "reps": reps, "batches_per_rep": per_rep,
+                     "peer_python": peer_python}
+    timing_args = {"warmup": warmup, "reps": reps, "per_rep": per_rep}
+    _measure_all_ours(report, shards, points, cfg, wanted, timing_args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the peers deliver their batches
     versions = {}
     for peer in ("torchvision", "albumentations"):
-        series = f"peer {peer}"
-        if wanted(series):
-            results, v = _peer_rows(peer, shards, points, cfg, timing_args, peer_python, gpu)
+        if wanted(f"peer {peer}"):
+            results, v = _peer_rows(peer, shards, points, cfg, timing_args, peer_python, device)
             versions.update({f"peer_{peer}": v} if v else {})
             for p, r in zip(points, results):
-                _add_result(report, series, p.label, r, {**asdict(p), "device": gpu})
+                _add_result(report, f"peer {peer}", p.label, r, {**asdict(p), "device": device})
     if wanted("ceiling dali-crop-decode"):
         for p, r in zip(points, measure_peer("dali-crop-decode", shards, points, cfg, **timing_args)):
             _add_result(report, "ceiling dali-crop-decode", p.label, r, asdict(p))
@@ -154,13 +173,7 @@ def run_loader_bench(shards: Path, points: list[Point], cfg: PeerConfig, *, warm
         if wanted(f"ceiling {peer}"):
             (r,) = measure_peer(peer, shards, points[:1], cfg, **timing_args)
             _add_result(report, f"ceiling {peer}", DECODE_POINT, r, {})
-    for p in points:
-        cpu_rows = [r for r in report.rows if r.point == p.label and r.timing and r.series.startswith("ours")
-                    and not r.series.endswith("-gpu")]
-        if cpu_rows:
-            best = max(cpu_rows, key=lambda r: r.timing.median)
-            for peer in ("torchvision", "albumentations"):
-                report.add_ratio(f"best CPU ({best.series}) / {peer}", p.label, best.series, f"peer {peer}")
+    _add_ratios(report, points)
     report.notes.append("goals: best CPU path >= 1.5x peer torchvision and >= 1.0x peer albumentations; "
                         "DALI GPU >= 3x the model's training imgs/s (see bench e2e)")
     report.machine = machine({"peer_interpreters": versions} if versions else None)
