@@ -270,3 +270,13 @@ def test_corrupt_samples_are_reported_and_skipped_not_fatal(corrupt_shards, back
         evaluated = list(build_eval_loader(corrupt_shards, 8, 32, backend=backend))
     got = sorted(sum((t[v].argmax(1).tolist() for _, t, v in evaluated), []))
     assert got == [i for i in range(24) if i not in (5, 14)]
+
+
+def test_backend_auto_rule_and_bad_names():
+    from effnetv2.pipeline.loader import dali_available, resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "albumentations"  # measured faster on CPUs
+    assert resolve_backend("auto", torch.device("cuda", 0)) == ("dali" if dali_available() else "albumentations")
+    assert resolve_backend("dali", torch.device("cpu")) == "dali"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("pil", torch.device("cpu"))
