@@ -179,9 +179,7 @@ def _pil_decode(data: bytes) -> int:
 
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data))
-    image.draft(None, image.size)  # full size: no DCT scaling
-    return image.convert("RGB").width
+    return Image.open(io.BytesIO(data)).convert("RGB").width  # a full-size decode
 
 
 def _opencv_worker_init(_: int) -> None:

@@ -8,7 +8,8 @@ Two kinds of rows, both on random images of the case's size (no loader involved)
   same dropout and drop-path rate, and their repetitions are interleaved in one process, so the
   ratio ours/timm compares the networks and nothing else. When timm does not import here, this
   pair runs in ``--peer-python`` (any interpreter with torch and timm; our package is linked in),
-  and ``ours (this env)`` adds our model in the project's own environment for reference.
+  and ``ours (this env)`` adds our model in the project's own environment for reference. Ours is
+  built as it is trained, with symmetric padding; ``--tf-padding`` gives it timm's TF "SAME" padding.
 - ``ours trainer``: the project's real training step (:mod:`effnetv2.recipes.step`: TF RMSprop,
   EMA, label smoothing, L2) in each mode it offers: eager, compiled, and a CUDA graph on a GPU.
 
@@ -40,10 +41,12 @@ class StepCase:
     batch_size: int = 32
     mode: str = "eager"  # one of MODES; the graph modes need CUDA and run only the trainer step
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    tf_padding: bool = False  # ours with TF "SAME" padding, as timm's tf_ ports have (slower)
 
     @property
     def label(self) -> str:
-        return f"{self.model.removeprefix('efficientnetv2-')} {self.size}px {self.mode} {self.dtype}"
+        text = f"{self.model.removeprefix('efficientnetv2-')} {self.size}px {self.mode} {self.dtype}"
+        return text + (" tf-pad" if self.tf_padding else "")
 
 
 def timm_name(model: str) -> str | None:
@@ -66,7 +69,7 @@ def _build(impl: str, case: StepCase, num_classes: int):
     else:
         from effnetv2.model import create_model
 
-        model = create_model(case.model, num_classes, drop_path_rate=0.2)
+        model = create_model(case.model, num_classes, drop_path_rate=0.2, tf_padding=case.tf_padding)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -103,25 +106,24 @@ def compare(cases: list[StepCase], impls: list[str], *, device: str, warmup: int
     sync = torch.cuda.synchronize if device == "cuda" else None
     rows = []
     for case in cases:
-        steps, skipped = {}, []
+        steps, skipped = {}, []  # skipped: (impl, status, why)
         for impl in impls:
             if impl == "timm" and timm_name(case.model) is None:
-                skipped.append((impl, "timm has no counterpart of this model"))
+                skipped.append((impl, "n/a", "timm has no counterpart of this model"))
                 continue
             try:
                 steps[impl] = plain_step(impl, case, device)
             except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
-                skipped.append((impl, f"{type(e).__name__}: {e}"))
+                skipped.append((impl, "error", f"{type(e).__name__}: {e}"))
         timings: dict[str, Timing] = {}
         try:
             timings = measure(steps, warmup=warmup, reps=reps, per_rep=per_rep, sync=sync) if steps else {}
         except Exception as e:  # noqa: BLE001
-            skipped += [(impl, f"{type(e).__name__}: {e}") for impl in steps]
+            skipped += [(impl, "error", f"{type(e).__name__}: {e}") for impl in steps]
         for impl, timing in timings.items():
             rows.append({"series": impl, "point": case.label, "status": "ok", "note": "",
                          "timing": timing.to_dict(), "params": asdict(case)})
-        for impl, why in skipped:
-            status = "n/a" if "counterpart" in why else "error"
+        for impl, status, why in skipped:
             rows.append({"series": impl, "point": case.label, "status": status, "note": why, "timing": None,
                          "params": asdict(case)})
     return rows
@@ -138,7 +140,8 @@ def trainer_step(case: StepCase, device: str, num_classes: int = 1000, seed: int
     from effnetv2.recipes.step import TrainStep
 
     torch.manual_seed(seed)
-    model = create_model(case.model, num_classes).to(device, memory_format=torch.channels_last).train()
+    model = create_model(case.model, num_classes, tf_padding=case.tf_padding)
+    model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
     schedule = LRSchedule("constant", 0.016 * case.batch_size / 256, total_steps=1 << 30)
     step = TrainStep(model, model, optimizer, EMA(model, 0.9999), schedule, label_smoothing=0.1,
@@ -230,6 +233,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "compiled case costs a compilation (minutes on few cores)")
     p.add_argument("--dtypes", default=None, help="fp32 and/or bf16 (default: fp32 on CPU, both on a GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tf-padding", action="store_true",
+                   help="build ours with TF 'SAME' padding like timm's tf_ ports (default: symmetric, as trained)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case (compilation happens here)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--per-rep", type=int, default=2, help="steps per timed repetition")
@@ -250,7 +255,7 @@ def run(args: argparse.Namespace) -> Report:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"effnetv2 bench step: unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    cases = [StepCase(model, int(size), args.batch_size, mode, dtype) for model in args.models.split(",")
+    cases = [StepCase(model, int(size), args.batch_size, mode, dtype, args.tf_padding) for model in args.models.split(",")
              for size in args.sizes.split(",") for mode in modes for dtype in dtypes]
     return run_step_bench(cases, device=device, warmup=args.warmup, reps=args.reps, per_rep=args.per_rep,
                           peer_python=args.peer_python, threads=args.threads)
