@@ -244,9 +244,11 @@ class BatchSource:
 
 # -- the graph --------------------------------------------------------------------------------------
 def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str):
-    """The augmentation graph: ROI decode of the crop window, bilinear resize to S x S, then for
-    training RandAugment with the flip folded into its warp. ``p`` maps :meth:`DaliConfig.names` to
-    the external source's nodes; ``device`` is "gpu" or "cpu" and is the only thing that differs."""
+    """The augmentation graph: ROI decode of the crop window; one bilinear warp that resizes it to
+    S x S (and flips it, in training: the flip is part of the per-sample matrix); then for training
+    RandAugment. ``p`` maps :meth:`DaliConfig.names` to the external source's nodes; ``device`` is
+    "gpu" or "cpu" and is the only thing that differs. The bilinear ``warp_perspective`` costs a
+    third of DALI's CPU ``resize`` (0.3 vs 0.7-1.0 ms per 224 px image), the same on a GPU."""
     from nvidia.dali import fn, types
 
     decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
