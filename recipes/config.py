@@ -33,6 +33,7 @@ class TrainConfig:
     bn_eps: float = 1e-3
     tf_padding: bool = False
     sync_bn: bool = False
+    freeze_bn: bool = False  # BN layers normalise with (and keep) their running statistics: fine-tuning
     # -- progressive plan (Algorithm 1); a range None = the preset's (lo, hi)
     plan: str = "official"  # official | paper | random-resize
     epochs: float = 350.0
@@ -73,7 +74,8 @@ class TrainConfig:
     channels_last: bool = True
     backend: str = "auto"  # loader backend
     num_workers: int | None = None
-    seed: int = 0
+    seed: int = 0  # initial weights, dropout masks, and (unless data_seed is set) data order/augmentation
+    data_seed: int | None = None  # another data order with the same initial weights
     log_every: int = 50  # steps between host syncs (loss, NaN check, progress)
     ckpt_every: int = 0  # steps between checkpoints; 0 = at stage ends only
     keep_last: int = 3

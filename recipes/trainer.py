@@ -62,6 +62,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {info.world_size} ranks")
     local_batch = cfg.batch_size // info.world_size
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     amp_dtype = resolve_amp(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -76,6 +77,10 @@ def train(cfg: TrainConfig) -> RunResult:
         say(f"initial weights: {checkpoint.load_init_weights(model, cfg.init_from, new_head=cfg.new_head)}")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     forward = distributed.wrap(model, info, sync_bn=cfg.sync_bn)
+    if cfg.freeze_bn:  # then no sample's gradient depends on the rest of its batch
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     optimizer = RMSpropTF(weight_decay_groups(model, cfg.weight_decay), rho=cfg.rmsprop_decay,
                           momentum=cfg.momentum, eps=cfg.eps)
@@ -141,7 +146,7 @@ def train(cfg: TrainConfig) -> RunResult:
             shards, local_batch, stage.image_size,
             stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha,
             stage.cutmix_alpha, num_classes=num_classes, device=str(device), backend=cfg.backend,
-            rank=info.rank, world_size=info.world_size, seed=cfg.seed, randaug_layers=cfg.randaug_layers,
+            rank=info.rank, world_size=info.world_size, seed=data_seed, randaug_layers=cfg.randaug_layers,
             split=cfg.train_split, num_workers=cfg.num_workers)
         if len(loader) != steps_per_epoch:
             raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {steps_per_epoch}")
