@@ -69,8 +69,17 @@ def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.Modul
         if info.device.type != "cuda":
             raise ValueError("sync_bn needs CUDA: torch.nn.SyncBatchNorm does not run on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN children in place
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    if info.device.type != "cuda":
+        return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    from .step import capture_stream
+
+    side = capture_stream(info.device)  # built on the stream that later captures the whole step
+    side.wait_stream(torch.cuda.current_stream(info.device))
+    with torch.cuda.stream(side):
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index],
+                                                  gradient_as_bucket_view=True)
+    torch.cuda.current_stream(info.device).wait_stream(side)
+    return ddp
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,15 @@ updated in place, and nothing in the step reads a value back to the host. So on 
 is captured once per stage shape in a ``torch.cuda.CUDAGraph`` and replayed, the loader's batch being
 copied into static input buffers; on CPU the same :meth:`TrainStep._compute` runs eagerly.
 
-Capture protocol (per stage): the first ``warmup_steps`` batches of a stage run eagerly on a side
-stream (lazy cuDNN/cuBLAS/autocast/DDP initialisation, cuDNN autotuning, ``torch.compile``
-compilation); these are real training steps on real batches, so the weights, optimizer state and BN
-statistics they change are the correct training updates and nothing has to be restored (warm-up on
-dummy data would have to restore them). The next batch is captured and replayed. :meth:`release`
-drops the graph, its memory pool and the static buffers at a stage switch.
+Capture protocol (per stage): the first ``warmup_steps`` batches of a stage run eagerly on the side
+stream that the capture then uses (lazy cuDNN/cuBLAS handles are per stream; autocast, DDP buckets
+(>= 11 iterations), cuDNN autotuning and ``torch.compile`` settle here). These are real training
+steps on real batches, so the weights, optimizer state and BN statistics they change are the correct
+training updates and nothing has to be restored (warm-up on dummy data would have to restore them).
+The next batch is captured and replayed. Capture uses ``capture_error_mode="thread_local"``: the
+loader's own threads (DALI, the pin-memory thread) keep issuing CUDA calls meanwhile, which the
+default global mode would reject. :meth:`release` drops the graph, its memory pool and the static
+buffers at a stage switch.
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoot
         binary = targets / targets.amax(dim=-1, keepdim=True).clamp_min(1e-12)
         return F.binary_cross_entropy_with_logits(logits, binary, reduction="none").sum(-1).mean()
     raise ValueError(f"unknown loss {kind!r}; choose 'softmax' or 'bce'")
+
+
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device on which DDP is built, warm-up runs and graphs are captured
+    (DDP's gradient hooks remember the stream they were set up on)."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 class LossScaler:
@@ -103,7 +117,7 @@ class TrainStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eager_left = warmup_steps
-        self._side = torch.cuda.Stream(self.device) if self.cuda_graph else None
+        self._side = capture_stream(self.device) if self.cuda_graph else None
 
     def _compute(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """The step itself; runs eagerly or is recorded into the graph, unchanged."""
@@ -151,7 +165,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
             self._compute(*self._static)
         self._graph = graph
 
@@ -161,11 +175,12 @@ class TrainStep:
 
     def release(self) -> None:
         """Forget this stage's graph, its memory pool and buffers (stage switch: the shape changes)."""
+        self.optimizer.zero_grad(set_to_none=True)  # the grads live in the graph's pool
+        self._static = None
         if self._graph is not None:
             self._graph.reset()
-        self._graph, self._static = None, None
+        self._graph = None
         self._eager_left = self.warmup_steps
-        self.optimizer.zero_grad(set_to_none=True)  # the grads lived in the graph's pool
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -80,3 +80,14 @@ def test_existing_run_needs_resume_or_fresh(shards, tmp_path):
         train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split=""))
     again = train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split="", resume=True))
     assert again.resumed_from is not None and again.step == 8 and len(again.stages) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_graphs_and_dali(shards, tmp_path):
+    """The GPU path end to end: DALI GPU loader, bf16 autocast, CUDA-graph steps, stage switch."""
+    run = dict(device="cuda", backend="auto", cuda_graphs=True, amp="auto", epochs=2.0, log_every=2)
+    result = train(tiny_config(shards, tmp_path / "gpu", **run))
+    assert result.finished and result.step == 16
+    assert all(math.isfinite(s["loss"]) and s["imgs_per_s"] > 0 for s in result.stages)
+    eager = train(tiny_config(shards, tmp_path / "eager", **{**run, "cuda_graphs": False}))
+    assert eager.stages[-1]["loss"] == pytest.approx(result.stages[-1]["loss"], rel=0.2)

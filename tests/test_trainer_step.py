@@ -1,0 +1,131 @@
+"""The training step: loss, fp16 loss scaling without host syncs, and (on a GPU) graph == eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnetv2.model import create_model
+from effnetv2.recipes.ema import EMA
+from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
+from effnetv2.recipes.schedule import LRSchedule
+from effnetv2.recipes.step import TrainStep, soft_target_loss
+
+
+def test_soft_target_loss_matches_definitions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    one_hot = F.one_hot(labels, 5).float()
+    torch.testing.assert_close(soft_target_loss(logits, one_hot, label_smoothing=0.1),
+                               F.cross_entropy(logits, labels, label_smoothing=0.1))
+    multi = torch.zeros(6, 5)
+    multi[torch.arange(6), labels] = 1
+    multi[torch.arange(6), (labels + 2) % 5] = 1
+    normalised = multi / multi.sum(1, keepdim=True)  # 21k targets as the loader gives them
+    want = -(normalised * logits.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(soft_target_loss(logits, normalised), want)
+    bce = F.binary_cross_entropy_with_logits(logits, multi, reduction="sum") / 6
+    torch.testing.assert_close(soft_target_loss(logits, normalised, kind="bce"), bce)
+    with pytest.raises(ValueError, match="unknown loss"):
+        soft_target_loss(logits, one_hot, kind="hinge")
+
+
+def _step(model, **kw):
+    opt = RMSpropTF(weight_decay_groups(model, 1e-5))
+    ema = EMA(model, 0.99)
+    sched = LRSchedule("exponential", 0.01, 100, warmup_steps=2, decay_steps=3.0)
+    return TrainStep(model, model, opt, ema, sched, label_smoothing=0.1, **kw)
+
+
+def _batches(n, size, device="cpu", classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(4, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+        y = torch.softmax(torch.randn(4, classes, generator=g), 1).to(device)
+        out.append((x, y))
+    return out
+
+
+def _small_model() -> torch.nn.Module:
+    """A few layers, enough for the scaler's logic (CPU fp16 autocast is far too slow for the real model)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.SiLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+
+def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
+    torch.manual_seed(0)
+    model = _small_model().eval()  # no batch-statistics updates: only the optimizer changes weights
+    step = _step(model, amp_dtype=torch.float16)
+    (x, y), = _batches(1, 8)
+    step(x, y)
+    step(x, y)  # lr > 0 from here on
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy(step.optimizer.state_dict())
+    step.scaler.scale.fill_(2.0**120)  # the scaled loss overflows the fp16 gradients
+    step(x, y)
+    after = model.state_dict(), step.optimizer.state_dict()
+    for k, v in before[0].items():
+        assert torch.equal(v, after[0][k]), k
+    for i, s in before[1]["state"].items():
+        for name, t in s.items():
+            assert torch.equal(t, after[1]["state"][i][name]), name
+    assert float(step.scaler.scale) == 2.0**119 and int(step.step) == 3
+    step.scaler.scale.fill_(1024.0)
+    step(x, y)  # a finite step moves the weights again
+    assert not torch.equal(before[0]["5.weight"], model.state_dict()["5.weight"])
+    loss, lr, bad = step.read_stats(4)
+    assert bad == -1 and loss > 0 and lr == pytest.approx(0.01 * 0.97)  # step 3: one decay of 3 steps
+
+
+def test_first_non_finite_step_is_recorded_on_the_device():
+    torch.manual_seed(0)
+    model = create_model("efficientnetv2-demo", 3)
+    step = _step(model)
+    batches = _batches(4, 32)
+    for i, (x, y) in enumerate(batches):
+        step(x if i != 2 else torch.full_like(x, float("nan")), y)
+    _, _, bad = step.read_stats(4)
+    assert bad == 2 and step.state_dict()["first_bad"] == 2
+
+
+def _graph_vs_eager(size_steps, amp=None):
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.manual_seed(0)
+    base = create_model("efficientnetv2-demo", 3, drop_path_rate=0.0).cuda()
+    base.set_dropout(0.0)  # random masks would differ between the eager and the graph RNG streams
+    base = base.to(memory_format=torch.channels_last)
+    runs = {}
+    for graph in (False, True):
+        model = copy.deepcopy(base)
+        step = _step(model, cuda_graph=graph, warmup_steps=2, amp_dtype=amp)
+        for size, n in size_steps:  # stages: (image size, steps)
+            for x, y in _batches(n, size, "cuda", seed=size):
+                step(x, y)
+            assert step.captured == (graph and n > 2)
+            step.release()
+            assert all(p.grad is None for p in model.parameters())
+        torch.cuda.synchronize()
+        runs[graph] = (model.state_dict(), step.ema.state_dict(), step.read_stats(sum(n for _, n in size_steps)))
+    return runs
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_equals_eager_across_a_stage_switch():
+    runs = _graph_vs_eager([(32, 6), (48, 5)])
+    for part in (0, 1):
+        for k, v in runs[False][part].items():
+            torch.testing.assert_close(runs[True][part][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert runs[True][2][0] == pytest.approx(runs[False][2][0], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_cuda_graph_step_with_autocast_trains(amp):
+    runs = _graph_vs_eager([(32, 6)], amp=amp)
+    loss_graph, loss_eager = runs[True][2][0], runs[False][2][0]
+    assert runs[True][2][2] == -1 and loss_graph == pytest.approx(loss_eager, rel=2e-2)
