@@ -73,7 +73,8 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = True
     backend: str = "auto"  # loader backend
-    num_workers: int | None = None
+    num_workers: int | None = None  # loader workers/threads; None = the loader's default
+    torch_threads: int = 0  # intra-op CPU threads for the model; 0 = torch's default (leave cores to the loader)
     seed: int = 0  # initial weights, dropout masks, and (unless data_seed is set) data order/augmentation
     data_seed: int | None = None  # another data order with the same initial weights
     log_every: int = 50  # steps between host syncs (loss, NaN check, progress)

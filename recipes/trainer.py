@@ -66,10 +66,14 @@ def train(cfg: TrainConfig) -> RunResult:
     amp_dtype = resolve_amp(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
 
     # -- data, model, EMA, optimizer (same initial weights on every rank: same seed, then DDP broadcast)
     shards = read_shard_set(cfg.data)
     num_classes = cfg.num_classes or shards.num_classes
+    if cfg.eval_split and cfg.eval_split not in shards.splits:
+        say(f"note: {cfg.data} has no split {cfg.eval_split!r} (it has {sorted(shards.splits)}); no evaluation")
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes, drop_path_rate=cfg.drop_path_rate,
                          bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps, tf_padding=cfg.tf_padding)
@@ -134,6 +138,7 @@ def train(cfg: TrainConfig) -> RunResult:
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                      train_step=step_fn.state_dict(), step=step, stage=stage_index, reports=reports,
                      data_position={"epoch": step // steps_per_epoch, "step": step % steps_per_epoch},
+                     schedule=dataclasses.asdict(schedule),
                      rng=rngs, config=dataclasses.asdict(cfg))
         return checkpoint.save(out, state, cfg.keep_last)
 
