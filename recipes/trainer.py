@@ -109,7 +109,7 @@ def train(cfg: TrainConfig) -> RunResult:
         f"{info.world_size} rank(s) on {device}, amp {amp_dtype}, cuda graphs {step_fn.cuda_graph}")
 
     # -- resume
-    step, reports, resumed, resumed_step, ckpt_path = 0, [], None, -1, None
+    step, reports, resumed, ckpt_path = 0, [], None, None
     found = _find_resume(out, cfg, main)
     if found is not None:
         resumed, state = found
@@ -118,11 +118,12 @@ def train(cfg: TrainConfig) -> RunResult:
         optimizer.load_state_dict(state["optimizer"])
         step_fn.load_state_dict(state["train_step"])
         step, reports, ckpt_path = int(state["step"]), list(state["reports"]), resumed
-        resumed_step = step
         rngs = state["rng"]
         checkpoint.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
         _note_config_changes(state["config"], cfg, say)
         say(f"resumed from {resumed} at step {step} ({len(reports)} of {len(stages)} stages finished)")
+        if len(reports) == len(stages):
+            say(f"nothing left to train: the run in {out} is complete")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -201,8 +202,6 @@ def train(cfg: TrainConfig) -> RunResult:
         ckpt_path = save(stage.index) or ckpt_path
 
     bar.close()
-    if resumed is not None and step == resumed_step:
-        say(f"nothing left to train: the run in {out} finished at step {step}")
     say(f"done: {step} steps; checkpoint {ckpt_path}")
     log.close()
     return RunResult(out, ckpt_path, step, total, reports, True, resumed)

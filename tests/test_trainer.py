@@ -9,7 +9,7 @@ import pytest
 import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
-from effnetv2.recipes import checkpoint
+from effnetv2.recipes import checkpoint, train_cli
 from effnetv2.recipes.optim import RMSpropTF
 from effnetv2.recipes.trainer import NonFiniteLoss, train
 
@@ -73,13 +73,18 @@ def test_diverging_run_never_checkpoints_non_finite_weights(shards, tmp_path):
             assert all(torch.isfinite(t).all() for t in state[part].values() if t.is_floating_point())
 
 
-def test_existing_run_needs_resume_or_fresh(shards, tmp_path):
+def test_existing_run_needs_resume_or_fresh(shards, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split=""))
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split=""))
+    capsys.readouterr()
     again = train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split="", resume=True))
     assert again.resumed_from is not None and again.step == 8 and len(again.stages) == 1
+    assert "nothing left to train" in capsys.readouterr().out
+    train_cli.clear_run(out)  # what --fresh does
+    assert not checkpoint.list_checkpoints(out) and not (out / "metrics.jsonl").exists()
+    assert train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split="")).resumed_from is None
 
 
 @pytest.mark.gpu
