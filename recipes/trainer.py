@@ -242,7 +242,8 @@ def stage_batches(loader, step: int, end: int, steps_per_epoch: int) -> Iterator
 @torch.no_grad()
 def evaluate(model: nn.Module, shards, cfg: TrainConfig, info: distributed.DistInfo,
              amp_dtype: torch.dtype | None, num_classes: int) -> dict[str, float]:
-    """Top-1/top-5 of ``model`` (the EMA) on the eval split at the eval size, summed over ranks.
+    """Top-1/top-5 and cross-entropy (no smoothing) of ``model`` (the EMA) on the eval split at the eval
+    size, summed over ranks.
 
     A prediction is correct when it is one of the sample's labels, so the same code scores multi-label
     data; there ``precision@k`` (labels among the top k, divided by k) is reported too.
@@ -254,18 +255,22 @@ def evaluate(model: nn.Module, shards, cfg: TrainConfig, info: distributed.DistI
     loader = build_eval_loader(shards, max(batch, 1), size, crop_ratio=cfg.eval_crop, split=cfg.eval_split,
                                device=str(info.device), backend=cfg.backend, rank=info.rank,
                                world_size=info.world_size, num_classes=num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # top1, top5, hits in top5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=info.device)  # top1, top5, hits in top5, loss, count
     k = min(5, num_classes)
     for images, targets, valid in loader:
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        hit = targets.gather(1, logits.float().topk(k, dim=1).indices) > 0
+            logits = model(images).float()
+        hit = targets.gather(1, logits.topk(k, dim=1).indices) > 0
+        soft = targets / targets.sum(1, keepdim=True).clamp_min(1.0)  # multi-hot -> sums to 1, as in training
+        loss = -(soft * logits.log_softmax(1)).sum(1)
         v = valid.to(torch.float64)
-        sums += torch.stack([(hit[:, 0] * v).sum(), (hit.any(1) * v).sum(), (hit.sum(1) * v).sum(), v.sum()])
+        sums += torch.stack([(hit[:, 0] * v).sum(), (hit.any(1) * v).sum(), (hit.sum(1) * v).sum(),
+                             (loss * v).sum(), v.sum()])
     loader.close()
-    top1, top5, hits, n = distributed.all_reduce_sum(sums).tolist()
+    top1, top5, hits, loss_sum, n = distributed.all_reduce_sum(sums).tolist()
     n = max(n, 1.0)
-    metrics = {"top1": top1 / n, "top5": top5 / n, "eval_samples": int(n), "eval_size": size}
+    metrics = {"top1": top1 / n, "top5": top5 / n, "eval_loss": loss_sum / n, "eval_samples": int(n),
+               "eval_size": size}
     if shards.multilabel:
         metrics.update({"precision@1": top1 / n, "precision@5": hits / (k * n)})
     return metrics

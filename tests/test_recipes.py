@@ -9,6 +9,7 @@ import pytest
 import torch
 from trainer_fixtures import multilabel_shards, one_thread, photo_shards  # noqa: F401 (autouse fixture)
 
+from effnetv2.model import CONFIGS
 from effnetv2.recipes import checkpoint, in1k, in1k_finetune, in21k_pretrain, train_cli, transfer
 from effnetv2.recipes.config import TrainConfig, apply_overrides, format_config
 from effnetv2.recipes.trainer import build_plan, train
@@ -101,8 +102,9 @@ def test_in21k_pretrain_then_in1k_finetune_end_to_end(tmp_path, photos):
 
     ft_cfg = apply_overrides(in1k_finetune.config("efficientnetv2-demo"), tiny + [
         f"data={photo_shards(tmp_path / 'in1k', photos, classes=2)}", f"out={tmp_path / 'ft'}",
-        f"init_from={tmp_path / 'pre'}", "epochs=0.5", "eval_size=40"])
-    assert ft_cfg.image_size == (40, 40) and ft_cfg.new_head  # the demo model's eval size
+        f"init_from={tmp_path / 'pre'}", "epochs=0.5"])
+    size = CONFIGS["efficientnetv2-demo"].eval_size
+    assert ft_cfg.image_size == (size, size) and ft_cfg.eval_size == size and ft_cfg.new_head
     ft = train(ft_cfg)
     assert ft.step == 4 and ft.stages[-1]["eval_samples"] == 32
     tuned = checkpoint.load(ft.checkpoint)["model"]

@@ -9,31 +9,36 @@ import pytest
 import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
-from effnetv2.recipes import checkpoint, train_cli
+from effnetv2.model import create_model
+from effnetv2.pipeline.shards import read_shard_set
+from effnetv2.recipes import checkpoint, distributed, train_cli
 from effnetv2.recipes.optim import RMSpropTF
-from effnetv2.recipes.trainer import NonFiniteLoss, train
+from effnetv2.recipes.trainer import NonFiniteLoss, evaluate, train
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, photos):
-    return photo_shards(tmp_path_factory.mktemp("trainer-shards"), photos, classes=2)
+    return photo_shards(tmp_path_factory.mktemp("trainer-shards"), photos, classes=2, n_train=128)
 
 
 @pytest.mark.slow
 def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
-    cfg = tiny_config(shards, tmp_path / "run", epochs=6.0)
+    cfg = tiny_config(shards, tmp_path / "run", epochs=6.0, batch_size=16, image_size=(48, 64), eval_size=64,
+                      log_every=8)
+    before = _eval_loss_at_init(cfg, shards)
     result = train(cfg)
-    assert result.finished and result.step == result.total_steps == 48  # 6 epochs of 64 // 8
+    assert result.finished and result.step == result.total_steps == 48  # 6 epochs of 128 // 16
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["event"] == "train"]  # each the mean of 4 steps
-    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses
+    losses = [r["loss"] for r in records if r["event"] == "train"]  # each the mean of 8 steps
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses  # training loss (random crops, noisy)
+    assert result.stages[-1]["eval_loss"] < 0.7 * before  # held-out loss of the EMA vs the initial model
     stages = [r for r in records if r["event"] == "stage"]
-    assert [(s["image_size"], s["first_step"], s["end_step"]) for s in stages] == [(32, 0, 24), (40, 24, 48)]
+    assert [(s["image_size"], s["first_step"], s["end_step"]) for s in stages] == [(48, 0, 24), (64, 24, 48)]
     assert [s["randaug"] for s in stages] == [0.0, 3.0] and [s["dropout"] for s in stages] == [0.0, 0.1]
     assert [{k: v for k, v in s.items() if k not in ("time", "event", "step")} for s in stages] == result.stages
     last = result.stages[-1]
-    assert last["eval_samples"] == 32 and last["eval_size"] == 40
+    assert last["eval_samples"] == 32 and last["eval_size"] == 64
     assert last["top1"] >= 0.8  # 2 classes: chance is 0.5
     assert last["imgs_per_s"] > 0 and last["top5"] == 1.0  # top-5 of 2 classes
     # a checkpoint per stage end; the last one holds what the run ended with
@@ -41,6 +46,15 @@ def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
     state = checkpoint.load(result.checkpoint)
     assert state["step"] == 48 and len(state["reports"]) == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "efficientnetv2-demo"
+
+
+def _eval_loss_at_init(cfg, shards) -> float:
+    """The eval loss of the weights the run starts from (the trainer seeds, then builds the model)."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, 2, drop_path_rate=cfg.drop_path_rate).eval()
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    return evaluate(model.to(memory_format=torch.channels_last), read_shard_set(shards), cfg, info, None, 2)[
+        "eval_loss"]
 
 
 def test_nan_loss_stops_naming_the_step_without_a_bad_checkpoint(shards, tmp_path, monkeypatch):
@@ -80,7 +94,7 @@ def test_existing_run_needs_resume_or_fresh(shards, tmp_path, capsys):
         train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split=""))
     capsys.readouterr()
     again = train(tiny_config(shards, out, epochs=1.0, num_stages=1, eval_split="", resume=True))
-    assert again.resumed_from is not None and again.step == 8 and len(again.stages) == 1
+    assert again.resumed_from is not None and again.step == 16 and len(again.stages) == 1
     assert "nothing left to train" in capsys.readouterr().out
     train_cli.clear_run(out)  # what --fresh does
     assert not checkpoint.list_checkpoints(out) and not (out / "metrics.jsonl").exists()
