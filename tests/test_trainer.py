@@ -80,7 +80,7 @@ def test_nan_loss_stops_naming_the_step_without_a_bad_checkpoint(shards, tmp_pat
 def test_diverging_run_never_checkpoints_non_finite_weights(shards, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match="non-finite"):
-        train(tiny_config(shards, out, lr_per_256=1e12, warmup_epochs=0.0, log_every=2, ckpt_every=2))
+        train(tiny_config(shards, out, lr_per_256=1e12, warmup_epochs=0.0, log_every=1, ckpt_every=1))
     for path in checkpoint.list_checkpoints(out):
         state = checkpoint.load(path)
         for part in ("model", "ema"):

@@ -83,9 +83,9 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
 
 def test_first_non_finite_step_is_recorded_on_the_device():
     torch.manual_seed(0)
-    model = create_model("efficientnetv2-demo", 3)
+    model = _small_model()
     step = _step(model)
-    batches = _batches(4, 32)
+    batches = _batches(4, 8)
     for i, (x, y) in enumerate(batches):
         step(x if i != 2 else torch.full_like(x, float("nan")), y)
     _, _, bad = step.read_stats(4)
