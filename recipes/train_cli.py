@@ -4,8 +4,9 @@ A recipe is a module ``effnetv2.recipes.<name>`` (dashes become underscores) wit
 
 * ``config(model: str | None = None) -> TrainConfig`` (required): the recipe's hyper-parameters;
   ``model`` is the ``--set model=...`` value, so model-dependent values (fine-tune size) follow it;
-* ``prepare(cfg, args) -> TrainConfig`` (optional): runs before training, e.g. to make the shard set;
-* ``finish(cfg, result) -> None`` (optional): runs after training, e.g. to print a summary or a chart.
+* ``prepare(cfg, args) -> TrainConfig`` (optional): runs before training, e.g. to make the shard set
+  (on every rank under torchrun: keep it idempotent, or prepare before launching);
+* ``finish(cfg, result) -> None`` (optional): runs after training on rank 0, e.g. a summary or a chart.
 
 Every recipe module also runs as ``python -m effnetv2.recipes.<name> ...`` with the same options, and
 multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.train_cli RECIPE ...``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -73,7 +75,7 @@ def resolve_config(args: argparse.Namespace, recipe=None) -> TrainConfig:
 def clear_run(out: Path) -> None:
     """Remove what a training run writes in ``out`` (checkpoints, metrics, config, TensorBoard)."""
     for path in checkpoint.list_checkpoints(out):
-        path.unlink()
+        path.unlink(missing_ok=True)
     for name in ("metrics.jsonl", "config.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLoss, FileExistsError, FileNotFoundError) as e:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 1
-    if hasattr(recipe, "finish"):
+    if hasattr(recipe, "finish") and int(os.environ.get("RANK", "0")) == 0:
         recipe.finish(cfg, result)
     return 0
 

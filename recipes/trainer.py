@@ -127,7 +127,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    log = _MetricsLog(out, main, cfg.tensorboard)
+    log = _MetricsLog(out, main, cfg.tensorboard, keep_until=step if resumed else None)
     bar = tqdm(total=total, initial=step, unit="step", disable=not (main and cfg.progress), dynamic_ncols=True)
 
     def save(stage_index: int) -> Path | None:
@@ -338,10 +338,16 @@ def _printer(main: bool):
 
 
 class _MetricsLog:
-    """JSON lines in ``out/metrics.jsonl`` (and TensorBoard scalars if tensorboard is installed)."""
+    """JSON lines in ``out/metrics.jsonl`` (and TensorBoard scalars if tensorboard is installed). A resumed
+    run first drops the records of steps after its checkpoint, so that the file tells one history."""
 
-    def __init__(self, out: Path, main: bool, tensorboard: bool) -> None:
-        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    def __init__(self, out: Path, main: bool, tensorboard: bool, keep_until: int | None = None) -> None:
+        path = out / "metrics.jsonl"
+        if main and keep_until is not None and path.is_file():  # resumed: drop what the checkpoint lost
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(x for x in lines if x.strip() and json.loads(x)["step"] <= keep_until),
+                            encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8") if main else None
         self.tb = None
         if main and tensorboard:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,3 +92,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(shards, tmp_path, capsys):
         for key, value in a[part].items():
             torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=f"{part}.{key}")
     assert a["reports"][0]["end_step"] == b["reports"][0]["end_step"] == 8
+    # the metrics file tells one history: the killed run's records after step 9 were dropped on resume
+    logged = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["event"] == "train"] for d in (tmp_path / "full", out)]
+    assert [s for s, _ in logged[1]] == [s for s, _ in logged[0]] == [3, 6, 8, 9, 12, 15, 16]
+    assert [x for _, x in logged[1]] == pytest.approx([x for _, x in logged[0]], abs=1e-6)
