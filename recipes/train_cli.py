@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="continue from the newest valid checkpoint in the run folder")
     group.add_argument("--fresh", action="store_true",
                        help="delete the run folder's checkpoints and metrics and start over")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then stop")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and plan, then stop (nothing is prepared or trained)")
 
 
 def load_recipe(name: str):
@@ -90,16 +91,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
-    if args.fresh:
-        clear_run(Path(cfg.out_dir()))
-    if hasattr(recipe, "prepare"):
-        cfg = recipe.prepare(cfg, args)
-    if args.dry_run:
+    if args.dry_run:  # before prepare(): a dry run makes nothing
         from .plan import format_plan
 
         print(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
         print(format_plan(build_plan(cfg)))
         return 0
+    if args.fresh:
+        clear_run(Path(cfg.out_dir()))
+    if hasattr(recipe, "prepare"):
+        cfg = recipe.prepare(cfg, args)
     if not cfg.data:
         print("effnetv2 train: no shard set given; pass --data DIR (a folder made by 'effnetv2 shard')",
               file=sys.stderr)
