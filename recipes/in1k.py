@@ -4,7 +4,8 @@ Batch 4096, 350 epochs, TF RMSProp (0.9/0.9/1e-3), LR 0.016 x batch/256 with 5 w
 x0.97 every 2.4 epochs, weight decay 1e-5 (not on biases/norms), label smoothing 0.1, EMA 0.9999 with
 warm-up, stochastic depth 0.2, BN momentum 0.1 (TF 0.9) and eps 1e-3; the ``official`` plan (4 stages,
 sizes 128 -> train size by the released formula, RandAugment and mixup/cutmix ramped, dropout fixed).
-Evaluation uses the EMA weights at the model's eval size on the shard set's ``val`` split.
+Evaluation uses the EMA weights at the model's eval size on the shard set's ``val`` split
+(``--set eval_split=minival`` for the official 25k held-out images: ``effnetv2 shard imagenet --minival``).
 
     effnetv2 train in1k --data /data/imagenet-shards --set model=efficientnetv2-m
 """
