@@ -12,6 +12,9 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .plan import PRESETS
+from .schedule import KINDS
+
 Range = tuple[float, float]
 
 
@@ -87,6 +90,27 @@ class TrainConfig:
 
     def out_dir(self) -> str:
         return self.out or f"runs/{self.recipe}"
+
+
+_CHOICES = {"plan": PRESETS, "lr_schedule": KINDS, "loss": ("softmax", "bce"), "amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "cuda"),
+            "backend": ("auto", "dali", "albumentations")}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject a config that cannot run, before anything is built; the message names the field."""
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"{key}={getattr(cfg, key)!r}: choose one of {', '.join(choices)}")
+    if not cfg.data:
+        raise ValueError("data is not set: pass --data DIR (a shard set made by 'effnetv2 shard')")
+    if cfg.new_head and not cfg.init_from:
+        raise ValueError(f"recipe {cfg.recipe!r} fine-tunes: set init_from=RUN_DIR|CHECKPOINT|WEIGHTS "
+                         f"(a new head on random weights is training from scratch)")
+    for key in ("batch_size", "num_stages", "log_every", "keep_last"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.epochs <= 0 and cfg.total_steps <= 0:
+        raise ValueError("set epochs > 0 or total_steps > 0")
 
 
 def field_types() -> dict[str, object]:

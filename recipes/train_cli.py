@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint
-from .config import TrainConfig, apply_overrides, format_config
+from .config import TrainConfig, apply_overrides, format_config, validate
 
 RECIPES = ("in1k", "in21k-pretrain", "in1k-finetune", "transfer", "demo")
 
@@ -101,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         clear_run(Path(cfg.out_dir()))
     if hasattr(recipe, "prepare"):
         cfg = recipe.prepare(cfg, args)
-    if not cfg.data:
-        print("effnetv2 train: no shard set given; pass --data DIR (a folder made by 'effnetv2 shard')",
-              file=sys.stderr)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
     try:
         result = train(cfg)

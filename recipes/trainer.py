@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import TrainConfig, format_config
+from .config import TrainConfig, format_config, validate
 from .ema import EMA
 from .optim import RMSpropTF, weight_decay_groups
 from .plan import Stage, make_plan, stage_bounds
@@ -54,6 +54,7 @@ def train(cfg: TrainConfig) -> RunResult:
     from effnetv2.pipeline.loader import build_train_loader
     from effnetv2.pipeline.shards import read_shard_set
 
+    validate(cfg)
     info = distributed.init(cfg.device)
     device, main = info.device, info.is_main
     out = Path(cfg.out_dir())

@@ -71,6 +71,10 @@ def test_train_cli_dry_run_prints_config_and_plan(capsys):
     assert train_cli.main(["in1k"]) == 2
     assert "pass --data DIR" in capsys.readouterr().err
     assert train_cli.main(["in1k", "--set", "epochs=many"]) == 2
+    assert train_cli.main(["in1k-finetune", "--data", "/nowhere"]) == 2
+    assert "set init_from=" in capsys.readouterr().err
+    assert train_cli.main(["in1k", "--data", "/nowhere", "--set", "lr_schedule=step"]) == 2
+    assert "lr_schedule='step': choose one of exponential, cosine, constant" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown recipe 'imagenet'"):
         train_cli.main(["imagenet"])
 
