@@ -172,6 +172,7 @@ class AugmentSpec:
     seed: int = 0
     crop_ratio: float = 1.0  # resolved (eval_crop_ratio); >= 1: whole image
     reduced_decode: bool = True
+    crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
 
 
 class _BatchDataset(Dataset):
@@ -215,7 +216,7 @@ class _BatchDataset(Dataset):
             if img is None:
                 return "not a decodable JPEG"
             src_hw = img.shape[:2]
-        box = random_crop_box(rng, *src_hw) if spec.train else center_crop_box(*src_hw, spec.crop_ratio)
+        box = random_crop_box(rng, *src_hw, spec.crop_area) if spec.train else center_crop_box(*src_hw, spec.crop_ratio)
         if img is None:
             img = decode(data, reduction(box, size) if spec.reduced_decode else 1)
             if img is None:
@@ -282,13 +283,14 @@ class AlbuBackend:
     def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None = None,
                  randaug_layers: int = 2, num_workers: int | None = None, seed: int = 0, train: bool = True,
                  crop_ratio: float | None = None, *, pin_memory: bool = False, reduced_decode: bool = True,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, crop_area: tuple[float, float] = AREA):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         magnitude = None if randaug_magnitude is None else float(randaug_magnitude)
         self.table = table
         self.spec = AugmentSpec(int(image_size), bool(train), magnitude, int(randaug_layers), int(seed),
-                                eval_crop_ratio(int(image_size), crop_ratio), reduced_decode)
+                                eval_crop_ratio(int(image_size), crop_ratio), reduced_decode,
+                                tuple(crop_area))
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._plan = _BatchPlan()
         workers = self.num_workers > 0

@@ -145,6 +145,7 @@ class DaliConfig:
     device_id: int | None = None  # CUDA device for the GPU pipeline; None: all on the CPU
     num_threads: int | None = None
     seed: int = 0
+    crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
 
     @property
     def on_gpu(self) -> bool:
@@ -193,7 +194,7 @@ class BatchSource:
         self.pending.append((step, labels))
         crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
         if cfg.train:
-            win = random_crop_windows(crop_rng, hw)
+            win = random_crop_windows(crop_rng, hw, cfg.crop_area)
             resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
             ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
             params = randaugment_dali.sample_params(ra_rng, b, cfg.image_size, cfg.randaug_magnitude,
@@ -309,9 +310,10 @@ class DaliBackend:
 
     def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None,
                  randaug_layers: int, num_workers: int | None, seed: int, train: bool,
-                 crop_ratio: float | None = None, device_id: int | None = None):
+                 crop_ratio: float | None = None, device_id: int | None = None,
+                 crop_area: tuple[float, float] = AREA):
         self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, device_id,
-                              num_workers, seed)
+                              num_workers, seed, crop_area)
         self.source = BatchSource(table, self.cfg)
         self._pipe, self._batch = None, 0
 
