@@ -156,6 +156,6 @@ CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("efficientnetv2-m", _M, 384, 480, 0.3),
         ModelConfig("efficientnetv2-l", _L, 384, 480, 0.4),
         ModelConfig("efficientnetv2-xl", _XL, 384, 512, 0.4),
-        ModelConfig("efficientnetv2-demo", _DEMO, 48, 64, 0.1, head_ch=512, stem_stride=2, official=False),
+        ModelConfig("efficientnetv2-demo", _DEMO, 48, 48, 0.1, head_ch=512, stem_stride=2, official=False),
     )
 }

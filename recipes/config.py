@@ -51,6 +51,7 @@ class TrainConfig:
     round_to: int = 1  # image sizes to a multiple of 8/16/32
     resize_every: float = 10.0  # random-resize: epochs between size draws
     randaug_layers: int = 2  # 0 = no RandAugment
+    crop_area: tuple[float, float] = (0.05, 1.0)  # random-resized-crop area range (official 0.05-1)
     eval_size: int = 0  # 0 = the model's eval size
     eval_crop: float | None = None  # None = the loader's rule (S/(S+32) below 320 px, else whole image)
     eval_batch_size: int = 0  # global; 0 = batch_size

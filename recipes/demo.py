@@ -25,11 +25,11 @@ STORED_SIZE = 64  # stages grow up to this size
 def config(model: str = "efficientnetv2-demo") -> TrainConfig:
     return TrainConfig(
         recipe="demo", model=model, data=DATA, out="runs/demo", train_split="train", eval_split="test",
-        plan="paper", num_stages=4, epochs=4.0, batch_size=128,
-        image_size=(32, 56), randaug=(1.0, 6.0), mixup=(0.0, 0.1), cutmix=(0.0, 0.0), dropout=(0.05, 0.2),
-        round_to=8, eval_size=56, eval_crop=1.0, drop_path_rate=0.05,
-        lr_per_256=0.016, lr_schedule="cosine", warmup_epochs=0.3, weight_decay=1e-5, label_smoothing=0.1,
-        ema_decay=0.999, log_every=20, resume=True,
+        plan="paper", num_stages=4, epochs=6.0, batch_size=128,
+        image_size=(24, 40), randaug=(0.5, 2.0), mixup=(0.0, 0.1), cutmix=(0.0, 0.0), dropout=(0.05, 0.2),
+        crop_area=(0.35, 1.0), round_to=4, eval_size=40, randaug_layers=1, eval_crop=1.0, drop_path_rate=0.05,
+        lr_per_256=0.012, lr_schedule="cosine", warmup_epochs=0.5, weight_decay=1e-5, label_smoothing=0.1,
+        ema_decay=0.999, log_every=20, resume=True, torch_threads=2, num_workers=1,
     )
 
 
