@@ -25,7 +25,7 @@ from . import checkpoint, distributed
 from .config import TrainConfig, format_config, validate
 from .ema import EMA
 from .optim import RMSpropTF, weight_decay_groups
-from .plan import Stage, make_plan, stage_bounds
+from .plan import Stage, format_plan, make_plan, stage_bounds
 from .schedule import make_schedule
 from .step import TrainStep
 
@@ -108,6 +108,7 @@ def train(cfg: TrainConfig) -> RunResult:
                         warmup_steps=11 if info.enabled else 3, compile=cfg.compile)
     say(f"plan: {len(stages)} stages, {total} steps of {cfg.batch_size} images ({steps_per_epoch} steps/epoch), "
         f"{info.world_size} rank(s) on {device}, amp {amp_dtype}, cuda graphs {step_fn.cuda_graph}")
+    say(format_plan(stages))
 
     # -- resume
     step, reports, resumed, ckpt_path = 0, [], None, None
