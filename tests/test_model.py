@@ -395,7 +395,9 @@ def test_count_flops_counts_convs_and_classifier():
     assert not m.training
     m.train()
     assert count_flops(m, (40, 40)) == macs and m.training  # the mode is restored
-    assert count_flops(m, 80) > 3.5 * macs
+    # spatial work grows with the pixel count (4x from 32 to 64 px, where every stride divides evenly);
+    # only the SE and classifier layers, on pooled features, do not grow
+    assert 3.9 < count_flops(m, 64) / count_flops(m, 32) < 4
 
 
 def test_flops_of_s_at_384_is_the_papers():
