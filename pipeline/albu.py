@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .dali_pipeline import eval_crop_ratio  # the rule only; importing it does not import DALI
+from .jpeg import jpeg_size
 from .randaugment_np import RandAugment
 from .sampler import SampleTable
 
@@ -67,36 +68,10 @@ ATTEMPTS = 10
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _DECODE_FLAGS = {1: _RGB, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | _RGB, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | _RGB,
                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | _RGB}
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 Box = tuple[int, int, int, int]  # y, x, h, w in source pixels
 
 
 # -- geometry --------------------------------------------------------------------------------------
-def jpeg_size(data: np.ndarray | bytes) -> tuple[int, int] | None:
-    """``(height, width)`` from a JPEG's frame header without decoding; None if there is none."""
-    m = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data.data
-    n = len(m)
-    if n < 4 or m[0] != 0xFF or m[1] != 0xD8:
-        return None
-    pos = 2
-    while pos + 9 < n:
-        if m[pos] != 0xFF:
-            return None
-        marker = m[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            pos += 2
-        elif marker in _SOF:
-            h, w = (m[pos + 5] << 8) | m[pos + 6], (m[pos + 7] << 8) | m[pos + 8]
-            return (h, w) if h > 0 and w > 0 else None
-        elif marker in (0xD9, 0xDA):
-            return None
-        else:
-            pos += 2 + ((m[pos + 2] << 8) | m[pos + 3])
-    return None
-
-
 def random_crop_box(rng: np.random.Generator, height: int, width: int, area: tuple[float, float] = AREA,
                     aspect: tuple[float, float] = ASPECT, attempts: int = ATTEMPTS) -> Box:
     """The standard random-resized-crop rule: up to ``attempts`` draws of (area fraction, log-aspect),

@@ -10,16 +10,14 @@ batch per call, in the order given by the loader (see the sampler's docstring fo
 boxes) is drawn on the host from numpy generators seeded by ``(seed, epoch, step)`` and fed as
 per-sample inputs: the same seed gives the same images, a resumed run continues exactly, and the
 RandAugment magnitude is data, not a build-time constant. The crop window needs the image size, read
-from the JPEG header in a few microseconds (:func:`jpeg_size`); that same check rejects corrupt
+from the JPEG header in a few microseconds (:func:`~effnetv2.pipeline.jpeg.checked_jpeg_size`); that same check rejects corrupt
 samples before DALI sees them, because one undecodable image fails a DALI batch as a whole.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import struct
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,56 +26,16 @@ import numpy as np
 import torch
 
 from . import randaugment_dali
+from .jpeg import checked_jpeg_size
 from .sampler import SampleTable
 
 AREA = (0.05, 1.0)
 ASPECT = (3 / 4, 4 / 3)
 CROP_PADDING = 32  # official eval crop: S / (S + 32) below WHOLE_IMAGE_FROM px
 WHOLE_IMAGE_FROM = 320
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 # -- host side: what the external source computes per batch -----------------------------------------
-def jpeg_size(data: np.ndarray | bytes) -> tuple[int, int]:
-    """``(height, width)`` from a JPEG's frame header; ValueError if it is not a complete JPEG.
-
-    A missing end-of-image marker (a truncated file) is confirmed with a full PIL decode before the
-    sample is rejected, so files with harmless trailing bytes still pass.
-    """
-    buf = memoryview(data).cast("B")
-    if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
-        raise ValueError("no JPEG start-of-image marker")
-    pos, size = 2, None
-    while pos + 4 <= len(buf):
-        if buf[pos] != 0xFF:
-            raise ValueError(f"bad marker at byte {pos}")
-        marker = buf[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", buf, pos + 2)
-        if marker in _SOF:
-            if pos + 9 > len(buf):
-                break
-            h, w = struct.unpack_from(">HH", buf, pos + 5)
-            size = (h, w)
-            break
-        pos += 2 + length
-    if size is None or size[0] == 0 or size[1] == 0:
-        raise ValueError("no frame header with a valid size")
-    if bytes(buf[-2:]) != b"\xff\xd9":
-        from PIL import Image
-
-        try:
-            Image.open(io.BytesIO(buf)).load()
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken streams
-            raise ValueError(f"truncated or broken JPEG data ({e})") from None
-    return size
-
-
 def random_crop_windows(rng: np.random.Generator, hw: np.ndarray, area=AREA, aspect=ASPECT,
                         attempts: int = 10) -> np.ndarray:
     """Random-resized-crop windows ``(x0, y0, w, h)`` in pixels (int32, one row per image).
@@ -213,7 +171,7 @@ class BatchSource:
             try:
                 if i in self.table.corrupt:
                     raise ValueError("reported before")
-                hw.append(jpeg_size(data))
+                hw.append(checked_jpeg_size(data))
             except ValueError as e:
                 self.table.mark_corrupt(i, str(e))
                 bad.append(len(jpegs))
@@ -227,7 +185,7 @@ class BatchSource:
                 donor_data, donor_hw = jpegs[good[0]], hw[good[0]]
             else:
                 donor = self._any_good_sample()
-                donor_data, donor_hw = self.table.read_sample(donor)[0], jpeg_size(self.table.read_sample(donor)[0])
+                donor_data, donor_hw = self.table.read_sample(donor)[0], checked_jpeg_size(self.table.read_sample(donor)[0])
             for k in bad:
                 jpegs[k], hw[k] = donor_data, donor_hw
         return jpegs, labels, np.asarray(hw, np.int64)
@@ -236,7 +194,7 @@ class BatchSource:
         for i in range(len(self.table)):
             if i not in self.table.corrupt:
                 try:
-                    jpeg_size(self.table.read_sample(i)[0])
+                    checked_jpeg_size(self.table.read_sample(i)[0])
                     return i
                 except ValueError as e:
                     self.table.mark_corrupt(i, str(e))
@@ -304,7 +262,7 @@ class DaliBackend:
     Yields ``(images, labels)``: uint8 ``(B, S, S, 3)`` tensors (on the GPU for ``on_gpu``) and the
     label tuples of each row (``()`` for a corrupt sample). The pipeline is built once per batch size
     and kept across epochs; :meth:`close` frees it (stage switch). If DALI still fails on a batch
-    (a file that passes :func:`jpeg_size` but not the decoder), the culprit is found by decoding the
+    (a file that passes :func:`checked_jpeg_size` but not the decoder), the culprit is found by decoding the
     batch's samples one by one, reported, and the pipeline rebuilt to continue at the same step.
     """
 

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .jpeg import read_frame
+
 # SOF markers of Huffman-coded, non-differential DCT JPEGs: baseline, extended sequential, progressive.
 _COPYABLE_SOF = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -49,36 +50,12 @@ class CheckedImage:
     height: int = 0
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """``(SOF marker, bits per sample, components)`` of a JPEG, read from its markers; None if absent."""
-    pos = 2 if data[:2] == b"\xff\xd8" else len(data)
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            if pos + 10 > len(data):
-                return None
-            return marker, data[pos + 4], data[pos + 9]
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
-    return None
-
-
 def _copy_blocker(img: Image.Image, data: bytes) -> str:
     """Why a JPEG that PIL reads as RGB must still be re-encoded; "" if it can be copied."""
-    frame = jpeg_frame(data)
+    frame = read_frame(data)
     if frame is None:
         return "JPEG/RGB without a frame header"
-    marker, bits, components = frame
+    marker, bits, components = frame.marker, frame.precision, frame.components
     if marker not in _COPYABLE_SOF or bits != 8 or components != 3:
         return f"JPEG/RGB SOF{marker - 0xC0} {bits}-bit (not Huffman baseline/progressive)"
     if "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from effnetv2.pipeline import albu
 from effnetv2.pipeline.albu import AlbuBackend
+from effnetv2.pipeline.jpeg import jpeg_size
 from effnetv2.pipeline.randaugment_np import RandAugment
 from effnetv2.pipeline.sampler import CorruptSampleWarning, SampleTable, epoch_order
 from effnetv2.pipeline.shards import ShardWriter, shard_name, write_manifest
@@ -41,15 +42,15 @@ def test_jpeg_size_reads_the_frame_header(photos):
         for progressive in (False, True):
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, "JPEG", quality=85, progressive=progressive)
-            assert albu.jpeg_size(np.frombuffer(buf.getvalue(), np.uint8)) == img.shape[:2]
+            assert jpeg_size(np.frombuffer(buf.getvalue(), np.uint8)) == img.shape[:2]
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90": ignored, pixels come in stored order matching the header
     buf = io.BytesIO()
     Image.fromarray(photos[0][:40, :80]).save(buf, "JPEG", exif=exif.tobytes())
     data = np.frombuffer(buf.getvalue(), np.uint8)
-    assert albu.jpeg_size(data) == (40, 80) and albu.decode(data).shape == (40, 80, 3)
-    assert albu.jpeg_size(b"\xff\xd8 not a jpeg at all") is None
-    assert albu.jpeg_size(np.frombuffer(jpeg_bytes(photos[0])[:40], np.uint8)) is None
+    assert jpeg_size(data) == (40, 80) and albu.decode(data).shape == (40, 80, 3)
+    assert jpeg_size(b"\xff\xd8 not a jpeg at all") is None
+    assert jpeg_size(np.frombuffer(jpeg_bytes(photos[0])[:40], np.uint8)) is None
 
 
 def test_random_crop_box_follows_the_area_and_aspect_ranges():
@@ -160,7 +161,7 @@ def test_magnitude_0_keeps_geometry_and_20_changes_more_than_5(train_table):
     for k, sid in enumerate(order):
         rng = np.random.default_rng([0, 0, int(sid)])
         data, _ = train_table.read_sample(int(sid))
-        albu.random_crop_box(rng, *albu.jpeg_size(data))
+        albu.random_crop_box(rng, *jpeg_size(data))
         rng.random()
         np.testing.assert_array_equal(m0[k].numpy(), policy(plain[k].numpy(), rng))
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from effnetv2.pipeline import randaugment_dali as ra
 from effnetv2.pipeline import randaugment_np as rnp
-from effnetv2.pipeline.dali_pipeline import jpeg_size, random_crop_windows, resize_matrices
+from effnetv2.pipeline.dali_pipeline import random_crop_windows, resize_matrices
+from effnetv2.pipeline.jpeg import checked_jpeg_size
 
 dali = pytest.importorskip("nvidia.dali")
 S = 64
@@ -162,15 +163,15 @@ def test_random_crop_windows_respect_area_aspect_and_bounds():
 def test_jpeg_size_reads_headers_and_rejects_broken_files(photos):
     img = random_crops(photos, 1, seed=2)[0]
     data = jpeg_bytes(img)
-    assert jpeg_size(np.frombuffer(data, np.uint8)) == img.shape[:2] == Image.open(io.BytesIO(data)).size[::-1]
-    assert jpeg_size(data + b"trailing bytes") == img.shape[:2]  # harmless junk after the end marker
+    assert checked_jpeg_size(np.frombuffer(data, np.uint8)) == img.shape[:2] == Image.open(io.BytesIO(data)).size[::-1]
+    assert checked_jpeg_size(data + b"trailing bytes") == img.shape[:2]  # harmless junk after the end marker
     progressive = io.BytesIO()
     Image.fromarray(img).save(progressive, format="JPEG", progressive=True)
-    assert jpeg_size(progressive.getvalue()) == img.shape[:2]
+    assert checked_jpeg_size(progressive.getvalue()) == img.shape[:2]
     for broken, why in ((data[: len(data) // 2], "truncated"), (b"\x89PNG\r\n" + data, "start-of-image"),
                         (data[:2] + b"\xff\xd9", "frame header")):
         with pytest.raises(ValueError, match=why):
-            jpeg_size(broken)
+            checked_jpeg_size(broken)
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
@@ -227,8 +228,8 @@ def test_a_sample_that_fools_the_header_check_is_found_and_dropped(tmp_path, pho
         for i, img in enumerate(random_crops(photos, 8, seed=5)):
             data = jpeg_bytes(img)
             w.write(f"k{i}", {"jpg": data[: len(data) // 2] if i == 6 else data, "cls": str(i).encode()})
-    check = dali_pipeline.jpeg_size
-    monkeypatch.setattr(dali_pipeline, "jpeg_size", lambda data: check(bytes(data) + b"\xff\xd9"))
+    check = dali_pipeline.checked_jpeg_size
+    monkeypatch.setattr(dali_pipeline, "checked_jpeg_size", lambda data: check(bytes(data) + b"\xff\xd9"))
     table = SampleTable.from_shards([tmp_path / "train-000000.tar"], num_classes=8)
     backend = dali_pipeline.DaliBackend(table, 32, None, 2, 1, 0, False)
     with pytest.warns(CorruptSampleWarning, match=r"train-000000.tar sample 'k6'.*rejects"):

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_crops
 from PIL import Image
 
-from effnetv2.pipeline.images import check_image, jpeg_frame
+from effnetv2.pipeline.images import check_image
+from effnetv2.pipeline.jpeg import Frame, read_frame
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -102,9 +103,10 @@ def test_max_side_downscales_keeping_aspect(crop):
     assert same.action == "copied" and same.data == data
 
 
-def test_jpeg_frame_reads_the_sof_marker(crop):
+def test_read_frame_reads_the_sof_marker(crop):
     img = Image.fromarray(crop)
-    assert jpeg_frame(encode(img, "JPEG")) == (0xC0, 8, 3)
-    assert jpeg_frame(encode(img, "JPEG", progressive=True)) == (0xC2, 8, 3)
-    assert jpeg_frame(encode(img.convert("L"), "JPEG")) == (0xC0, 8, 1)
-    assert jpeg_frame(encode(img, "PNG")) is None
+    h, w = crop.shape[:2]
+    assert read_frame(encode(img, "JPEG")) == Frame(0xC0, 8, h, w, 3)
+    assert read_frame(encode(img, "JPEG", progressive=True)) == Frame(0xC2, 8, h, w, 3)
+    assert read_frame(encode(img.convert("L"), "JPEG")) == Frame(0xC0, 8, h, w, 1)
+    assert read_frame(encode(img, "PNG")) is None
