@@ -113,5 +113,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Tear the process group down together: without the barrier a rank that exits first can close
+    the sockets under another rank's teardown, and gloo aborts that process (seen on 2 CPU ranks)."""
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()

@@ -106,11 +106,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
+    from . import distributed
+
     try:
         result = train(cfg)
-    except (NonFiniteLoss, FileExistsError, FileNotFoundError) as e:
+    except (NonFiniteLoss, FileExistsError, FileNotFoundError) as e:  # raised on every rank alike
         print(f"effnetv2 train: {e}", file=sys.stderr)
+        distributed.shutdown()
         return 1
+    distributed.shutdown()
     if hasattr(recipe, "finish") and int(os.environ.get("RANK", "0")) == 0:
         recipe.finish(cfg, result)
     return 0
