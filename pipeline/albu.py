@@ -31,12 +31,11 @@ Design, and why:
   reduced-size decode) and every transform call costs parameter dictionaries and checks. The op suite
   is therefore plain OpenCV/numpy; "albumentations" is the user-facing name of this CPU backend.
 
-Train: random-resized crop (area 0.05–1, aspect 3/4–4/3 log-uniform, 10 attempts, then a centre crop
-clamped to the aspect range), bilinear resize to S, horizontal flip with p=0.5, RandAugment
-(``randaug_magnitude=None`` = off; 0 is level 0).
-Eval: centre square of side ``int(r · min(H, W))`` resized to S (the official crop), with
-``r = dali_pipeline.eval_crop_ratio(S, crop_ratio)`` (None: S/(S+32) below 320 px); r >= 1 resizes the
-whole image to S×S.
+Train: the crop window from :mod:`.geometry` (random-resized crop; for ``policy="finetune"`` the whole
+image), bilinear resize to S, horizontal flip with p=0.5, then RandAugment (``randaug_magnitude=None``
+= off; 0 is level 0) or, for fine-tuning, the noise cutout of :func:`.geometry.noise_cutouts`.
+Eval: the centre window of :func:`.geometry.centre_crop_windows` with ``r = eval_crop_ratio(S,
+crop_ratio)`` (None: S/(S+32) below 320 px), resized to S×S.
 
 Corrupt samples (the loader contract): a row whose JPEG cannot be decoded gets labels ``()`` and a
 zero image; the main process reports it once with shard and key (:meth:`SampleTable.mark_corrupt`)
@@ -55,58 +54,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .dali_pipeline import eval_crop_ratio  # the rule only; importing it does not import DALI
+from .geometry import AREA, centre_crop_windows, eval_crop_ratio, noise_cutouts, random_crop_windows
 from .jpeg import jpeg_size
 from .randaugment_np import RandAugment
 from .sampler import SampleTable
 
-AREA = (0.05, 1.0)
-ASPECT = (3 / 4, 4 / 3)
-ATTEMPTS = 10
 # RGB output, stored pixel order: an EXIF orientation tag is ignored (the sharder applies rotations once,
 # DALI ignores the tag too, and the crop box is drawn in the frame header's coordinates).
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _DECODE_FLAGS = {1: _RGB, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | _RGB, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | _RGB,
                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | _RGB}
-Box = tuple[int, int, int, int]  # y, x, h, w in source pixels
+Window = tuple[int, int, int, int]  # x0, y0, w, h in source pixels (geometry's rows)
 
 
-# -- geometry --------------------------------------------------------------------------------------
-def random_crop_box(rng: np.random.Generator, height: int, width: int, area: tuple[float, float] = AREA,
-                    aspect: tuple[float, float] = ASPECT, attempts: int = ATTEMPTS) -> Box:
-    """The standard random-resized-crop rule: up to ``attempts`` draws of (area fraction, log-aspect),
-    the first that fits wins; otherwise the largest centred box with an aspect inside the range."""
-    total = height * width
-    lo, hi = math.log(aspect[0]), math.log(aspect[1])
-    for _ in range(attempts):
-        target = total * (area[0] + (area[1] - area[0]) * rng.random())
-        ratio = math.exp(lo + (hi - lo) * rng.random())
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            y = int(rng.random() * (height - h + 1))
-            x = int(rng.random() * (width - w + 1))
-            return y, x, h, w
-    if width / height < aspect[0]:
-        w, h = width, min(height, round(width / aspect[0]))
-    elif width / height > aspect[1]:
-        h, w = height, min(width, round(height * aspect[1]))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def center_crop_box(height: int, width: int, crop_ratio: float) -> Box:
-    """The official eval crop: a centred square of side ``int(crop_ratio · min(H, W))``; >= 1: whole image."""
-    if crop_ratio >= 1.0:
-        return 0, 0, height, width
-    side = max(1, int(crop_ratio * min(height, width)))
-    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
-
-
-def reduction(box: Box, size: int) -> int:
+# -- decode and resize ------------------------------------------------------------------------------
+def reduction(window: Window, size: int) -> int:
     """The largest libjpeg scale-down (8, 4, 2) that keeps the crop at least ``size`` px on both sides."""
-    short = min(box[2], box[3])
+    short = min(window[2], window[3])
     for r in (8, 4, 2):
         if short >= r * size:
             return r
@@ -124,11 +88,11 @@ def decode(data: np.ndarray, reduce: int = 1) -> np.ndarray | None:
     return img if img is not None and img.ndim == 3 and img.size else None
 
 
-def crop_resize(img: np.ndarray, box: Box, src_hw: tuple[int, int], size: int,
+def crop_resize(img: np.ndarray, window: Window, src_hw: tuple[int, int], size: int,
                 out: np.ndarray | None = None) -> np.ndarray:
-    """Cut ``box`` (in ``src_hw`` source pixels; ``img`` may be a reduced decode) and resize to size²."""
+    """Cut ``window`` (in ``src_hw`` source pixels; ``img`` may be a reduced decode) and resize to size²."""
     sy, sx = img.shape[0] / src_hw[0], img.shape[1] / src_hw[1]
-    y, x, h, w = box
+    x, y, w, h = window
     y0, x0 = round(y * sy), round(x * sx)
     y1 = min(img.shape[0], max(y0 + 1, round((y + h) * sy)))
     x1 = min(img.shape[1], max(x0 + 1, round((x + w) * sx)))
@@ -148,6 +112,11 @@ class AugmentSpec:
     crop_ratio: float = 1.0  # resolved (eval_crop_ratio); >= 1: whole image
     reduced_decode: bool = True
     crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
+    policy: str = "randaugment"  # train augmentation: "randaugment" or "finetune" (geometry.POLICIES)
+
+    @property
+    def finetune(self) -> bool:
+        return self.train and self.policy == "finetune"
 
 
 class _BatchDataset(Dataset):
@@ -156,7 +125,7 @@ class _BatchDataset(Dataset):
     def __init__(self, table: SampleTable, spec: AugmentSpec):
         self.table = table
         self.spec = spec
-        on = spec.train and spec.randaug_magnitude is not None and spec.randaug_layers > 0
+        on = spec.train and not spec.finetune and spec.randaug_magnitude is not None and spec.randaug_layers > 0
         self.randaug = RandAugment(spec.randaug_magnitude, spec.randaug_layers) if on else None
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, list, list]:
@@ -191,18 +160,25 @@ class _BatchDataset(Dataset):
             if img is None:
                 return "not a decodable JPEG"
             src_hw = img.shape[:2]
-        box = random_crop_box(rng, *src_hw, spec.crop_area) if spec.train else center_crop_box(*src_hw, spec.crop_ratio)
+        if spec.train and not spec.finetune:
+            window = tuple(random_crop_windows(rng, src_hw, spec.crop_area)[0])
+        else:
+            window = tuple(centre_crop_windows(src_hw, 1.0 if spec.train else spec.crop_ratio)[0])
         if img is None:
-            img = decode(data, reduction(box, size) if spec.reduced_decode else 1)
+            img = decode(data, reduction(window, size) if spec.reduced_decode else 1)
             if img is None:
                 return "cv2.imdecode failed"
         if not spec.train:
-            crop_resize(img, box, src_hw, size, out=out)
+            crop_resize(img, window, src_hw, size, out=out)
             return ""
-        img = crop_resize(img, box, src_hw, size)
+        img = crop_resize(img, window, src_hw, size)
         if rng.random() < 0.5:
             img = cv2.flip(img, 1)
-        if self.randaug is not None:
+        if spec.finetune:
+            anchor, shape, noise = noise_cutouts(rng, 1, size)
+            (y, x), (h, w) = anchor[0], shape[0]
+            img[y : y + h, x : x + w] = noise[0]
+        elif self.randaug is not None:
             img = self.randaug(img, rng)
         out[...] = img
         return ""
@@ -258,14 +234,14 @@ class AlbuBackend:
     def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None = None,
                  randaug_layers: int = 2, num_workers: int | None = None, seed: int = 0, train: bool = True,
                  crop_ratio: float | None = None, *, pin_memory: bool = False, reduced_decode: bool = True,
-                 prefetch_factor: int = 2, crop_area: tuple[float, float] = AREA):
+                 prefetch_factor: int = 2, crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         magnitude = None if randaug_magnitude is None else float(randaug_magnitude)
         self.table = table
         self.spec = AugmentSpec(int(image_size), bool(train), magnitude, int(randaug_layers), int(seed),
                                 eval_crop_ratio(int(image_size), crop_ratio), reduced_decode,
-                                tuple(crop_area))
+                                tuple(crop_area), policy)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._plan = _BatchPlan()
         workers = self.num_workers > 0

@@ -16,7 +16,6 @@ samples before DALI sees them, because one undecodable image fails a DALI batch 
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -26,58 +25,12 @@ import numpy as np
 import torch
 
 from . import randaugment_dali
+from .geometry import AREA, centre_crop_windows, eval_crop_ratio, noise_cutouts, random_crop_windows
 from .jpeg import checked_jpeg_size
 from .sampler import SampleTable
 
-AREA = (0.05, 1.0)
-ASPECT = (3 / 4, 4 / 3)
-CROP_PADDING = 32  # official eval crop: S / (S + 32) below WHOLE_IMAGE_FROM px
-WHOLE_IMAGE_FROM = 320
-
 
 # -- host side: what the external source computes per batch -----------------------------------------
-def random_crop_windows(rng: np.random.Generator, hw: np.ndarray, area=AREA, aspect=ASPECT,
-                        attempts: int = 10) -> np.ndarray:
-    """Random-resized-crop windows ``(x0, y0, w, h)`` in pixels (int32, one row per image).
-
-    Up to ``attempts`` draws of area fraction ~ U(area) and log-aspect ~ U(log aspect) per image; the
-    first that fits wins; if none fits the whole image is used. Vectorised over the batch.
-    """
-    n = len(hw)
-    h, w = hw[:, :1].astype(np.float64), hw[:, 1:].astype(np.float64)
-    target = h * w * rng.uniform(*area, (n, attempts))
-    ratio = np.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1]), (n, attempts)))
-    cw, ch = np.round(np.sqrt(target * ratio)), np.round(np.sqrt(target / ratio))
-    fits = (cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h)
-    first = np.argmax(fits, axis=1)
-    rows = np.arange(n)
-    ok = fits[rows, first]
-    cw = np.where(ok, cw[rows, first], w[:, 0])
-    ch = np.where(ok, ch[rows, first], h[:, 0])
-    u = rng.random((n, 2))
-    x0 = np.floor(u[:, 0] * (w[:, 0] - cw + 1))
-    y0 = np.floor(u[:, 1] * (h[:, 0] - ch + 1))
-    return np.stack([x0, y0, cw, ch], 1).astype(np.int32)
-
-
-def eval_crop_ratio(image_size: int, crop_ratio: float | None = None) -> float:
-    """The official eval crop: ``S/(S+32)`` of the shorter side below 320 px, the whole image from 320."""
-    if crop_ratio is not None:
-        if not 0 < crop_ratio <= 1:
-            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-        return float(crop_ratio)
-    return 1.0 if image_size >= WHOLE_IMAGE_FROM else image_size / (image_size + CROP_PADDING)
-
-
-def centre_crop_windows(hw: np.ndarray, ratio: float) -> np.ndarray:
-    """Centre square of side ``int(ratio * min(h, w))`` (official); ``ratio == 1`` is the whole image."""
-    h, w = hw[:, 0], hw[:, 1]
-    if ratio >= 1.0:
-        return np.stack([np.zeros_like(w), np.zeros_like(h), w, h], 1).astype(np.int32)
-    side = np.maximum((ratio * np.minimum(h, w)).astype(np.int64), 1)
-    return np.stack([(w - side + 1) // 2, (h - side + 1) // 2, side, side], 1).astype(np.int32)
-
-
 def resize_matrices(windows: np.ndarray, size: int, flip: np.ndarray | None = None) -> np.ndarray:
     """Inverse maps (pixel-index coordinates) that resize each window to ``size`` x ``size``
     (pixel-area aligned, as ``cv2.resize``) and optionally flip it horizontally."""
@@ -93,6 +46,9 @@ def resize_matrices(windows: np.ndarray, size: int, flip: np.ndarray | None = No
     return m.astype(np.float32)
 
 
+NOISE_NODES = ("noise", "noise_a", "noise_s", "noise_at")  # fine-tune cutout: pixels, anchor, shape, -anchor
+
+
 @dataclass(frozen=True)
 class DaliConfig:
     image_size: int
@@ -104,6 +60,11 @@ class DaliConfig:
     num_threads: int | None = None
     seed: int = 0
     crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
+    policy: str = "randaugment"  # train augmentation: "randaugment" or "finetune" (geometry.POLICIES)
+
+    @property
+    def finetune(self) -> bool:
+        return self.train and self.policy == "finetune"
 
     @property
     def on_gpu(self) -> bool:
@@ -112,11 +73,15 @@ class DaliConfig:
     @property
     def layers(self) -> int:
         """RandAugment layers in the graph: none when it is off (no conditionals are traced at all)."""
-        return self.randaug_layers if self.train and self.randaug_magnitude is not None else 0
+        on = self.train and not self.finetune and self.randaug_magnitude is not None
+        return self.randaug_layers if on else 0
 
     def names(self) -> list[str]:
         """The external source's outputs, in order."""
-        extra = randaugment_dali.param_names(self.layers) if self.train else []
+        if self.finetune:
+            extra = list(NOISE_NODES)
+        else:
+            extra = randaugment_dali.param_names(self.layers) if self.train else []
         return ["jpeg", "crop_a", "crop_s", "resize", *extra]
 
 
@@ -151,7 +116,14 @@ class BatchSource:
         jpegs, labels, hw = self._read(ids)
         self.pending.append((step, labels))
         crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
-        if cfg.train:
+        if cfg.finetune:
+            win = centre_crop_windows(hw, 1.0)
+            resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
+            anchor, shape, noise = noise_cutouts(np.random.default_rng([cfg.seed, self.epoch, step, 1]), b,
+                                                 cfg.image_size)
+            params = {"noise": noise, "noise_a": anchor.astype(np.float32), "noise_s": shape.astype(np.float32),
+                      "noise_at": -anchor.astype(np.float32)}
+        elif cfg.train:
             win = random_crop_windows(crop_rng, hw, cfg.crop_area)
             resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
             ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
@@ -161,7 +133,7 @@ class BatchSource:
             win = centre_crop_windows(hw, eval_crop_ratio(cfg.image_size, cfg.crop_ratio))
             resize, params = resize_matrices(win, cfg.image_size), {}
         nodes = {"crop_a": win[:, :2], "crop_s": win[:, 2:], "resize": resize, **params}
-        return (jpegs, *(np.ascontiguousarray(nodes[name]) for name in cfg.names()[1:]))
+        return (jpegs, *(_contiguous(nodes[name]) for name in cfg.names()[1:]))
 
     def _read(self, ids: np.ndarray):
         jpegs, labels, hw, bad = [], [], [], []
@@ -201,11 +173,17 @@ class BatchSource:
         raise RuntimeError(f"no decodable sample in {self.table.files[0].parent}")
 
 
+def _contiguous(node):
+    """An external-source output: one array for the batch, or a list of per-sample arrays as is."""
+    return node if isinstance(node, list) else np.ascontiguousarray(node)
+
+
 # -- the graph --------------------------------------------------------------------------------------
-def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str):
+def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str,
+            finetune: bool = False):
     """The augmentation graph: ROI decode of the crop window; one bilinear warp that resizes it to
     S x S (and flips it, in training: the flip is part of the per-sample matrix); then for training
-    RandAugment. ``p`` maps :meth:`DaliConfig.names` to the external source's nodes; ``device`` is
+    RandAugment, or for fine-tuning the noise cutout. ``p`` maps :meth:`DaliConfig.names` to the external source's nodes; ``device`` is
     "gpu" or "cpu" and is the only thing that differs. The bilinear ``warp_perspective`` costs a
     third of DALI's CPU ``resize`` (0.3 vs 0.7-1.0 ms per 224 px image), the same on a GPU."""
     from nvidia.dali import fn, types
@@ -215,9 +193,23 @@ def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device
     x = fn.decoders.image_slice(jpegs, p["crop_a"], p["crop_s"], output_type=types.RGB,
                                 adjust_orientation=False, **decoder)
     x = randaugment_dali.warp(x, p["resize"], nearest=False, size=image_size)
-    if train:
+    if finetune:
+        x = noise_cutout(x, p, image_size, device)
+    elif train:
         x = randaugment_dali.apply(x, p, layers, device)
     return x
+
+
+def noise_cutout(x, p: dict, size: int, device: str):
+    """Fill each image's cutout box with its noise pixels: erase the box to 0, then add the noise
+    placed on an S x S canvas of zeros (a slice of the noise tile starting at minus the anchor)."""
+    from nvidia.dali import fn
+
+    noise = p["noise"].gpu() if device == "gpu" else p["noise"]
+    placed = fn.slice(noise, p["noise_at"], [float(size), float(size)], axes=[0, 1],
+                      normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    x = fn.erase(x, anchor=p["noise_a"], shape=p["noise_s"], axis_names="HW", fill_value=0.0)
+    return x + placed
 
 
 def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
@@ -231,7 +223,7 @@ def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
     def pipeline():
         nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
         return augment(nodes["jpeg"], nodes, image_size=cfg.image_size, layers=cfg.layers,
-                       train=cfg.train, device="gpu" if cfg.on_gpu else "cpu")
+                       train=cfg.train, device="gpu" if cfg.on_gpu else "cpu", finetune=cfg.finetune)
 
     pipe = pipeline()
     pipe.build()
@@ -269,9 +261,9 @@ class DaliBackend:
     def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None,
                  randaug_layers: int, num_workers: int | None, seed: int, train: bool,
                  crop_ratio: float | None = None, device_id: int | None = None,
-                 crop_area: tuple[float, float] = AREA):
+                 crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
         self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, device_id,
-                              num_workers, seed, crop_area)
+                              num_workers, seed, crop_area, policy)
         self.source = BatchSource(table, self.cfg)
         self._pipe, self._batch = None, 0
 

@@ -13,7 +13,8 @@ counts on every rank, exact resume at any sample position, also after a stage sw
 Internal backend contract (what ``backend="dali"`` and ``backend="albumentations"`` implement)::
 
     Backend(table: SampleTable, image_size: int, randaug_magnitude: float | None, randaug_layers: int,
-            num_workers: int | None, seed: int, train: bool, crop_ratio: float | None)
+            num_workers: int | None, seed: int, train: bool, crop_ratio: float | None,
+            crop_area: tuple[float, float], policy: str)
     .batches(order: np.ndarray[int64], batch_size: int, epoch: int, start_step: int)
         -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]
     .close() -> None
@@ -22,10 +23,12 @@ Internal backend contract (what ``backend="dali"`` and ``backend="albumentations
   samples ``order[step * batch_size : (step + 1) * batch_size]`` (sample ids of ``table``), in order:
   a uint8 tensor ``(B, S, S, 3)`` (RGB, on the CPU; the DALI GPU pipeline returns it on the GPU) and
   the label tuple of every row (``table.read_sample(i)[1]``).
-* Training (``train=True``): random-resized crop (area 0.05-1, aspect 3/4-4/3), bilinear resize to
-  S x S, horizontal flip, RandAugment with the official semantics at ``randaug_magnitude`` (``None``
-  = off; ``0`` is level 0, not off). Evaluation: centre crop ``dali_pipeline.eval_crop_ratio`` of the
-  shorter side, resize to S x S; no randomness.
+* Training (``train=True``), ``policy="randaugment"``: random-resized crop (:mod:`.geometry`, area
+  ``crop_area``, aspect 3/4-4/3), bilinear resize to S x S, horizontal flip, RandAugment with the
+  official semantics at ``randaug_magnitude`` (``None`` = off; ``0`` is level 0, not off).
+  ``policy="finetune"``: whole image resized to S x S, flip, noise cutout of half-size S/4.
+  Evaluation: centre crop ``geometry.eval_crop_ratio`` of the shorter side, resize to S x S; no
+  randomness.
 * Randomness is a function of ``(seed, epoch, step)`` (and the row), never of worker count, timing
   or how many steps were skipped, so a run resumed at ``start_step`` yields the same images.
 * A sample that cannot be decoded is reported with ``table.mark_corrupt(i, reason)`` (a warning
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .geometry import AREA, check_policy
 from .mix import MixConfig, mix_batch
 from .sampler import SampleTable, epoch_order, steps_per_epoch
 from .shards import ShardSet
@@ -97,6 +101,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_augment(policy: str, randaug_magnitude: float | None) -> str:
+    check_policy(policy)
+    if policy == "finetune" and randaug_magnitude is not None:
+        raise ValueError("augment='finetune' (whole image, flip, noise cutout) has no RandAugment: "
+                         f"pass randaug_magnitude=None, got {randaug_magnitude}")
+    return policy
+
+
 def check_crop_area(area: tuple[float, float]) -> tuple[float, float]:
     """The random-resized-crop area range as floats; 0 < lo <= hi <= 1, or a clear error."""
     lo, hi = (float(a) for a in area)
@@ -107,16 +119,17 @@ def check_crop_area(area: tuple[float, float]) -> tuple[float, float]:
 
 def _make_backend(name: str, table: SampleTable, image_size: int, magnitude: float | None, layers: int,
                   num_workers: int | None, seed: int, train: bool, crop_ratio: float | None,
-                  device: torch.device, crop_area: tuple[float, float] = (0.05, 1.0)):
+                  device: torch.device, crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
     if name == "dali":
         from .dali_pipeline import DaliBackend
 
         return DaliBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
-                           device_id=device.index if device.type == "cuda" else None, crop_area=crop_area)
+                           device_id=device.index if device.type == "cuda" else None, crop_area=crop_area,
+                           policy=policy)
     from .albu import AlbuBackend
 
     return AlbuBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
-                       pin_memory=device.type == "cuda", crop_area=crop_area)
+                       pin_memory=device.type == "cuda", crop_area=crop_area, policy=policy)
 
 
 class _Loader:
@@ -286,7 +299,8 @@ def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, rand
                        mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, *, num_classes: int | None = None,
                        device="cpu", backend: str = "auto", rank: int = 0, world_size: int = 1, seed: int = 0,
                        dtype: torch.dtype = torch.float32, randaug_layers: int = 2, split: str = "train",
-                       num_workers: int | None = None, crop_area: tuple[float, float] = (0.05, 1.0)) -> TrainLoader:
+                       num_workers: int | None = None, crop_area: tuple[float, float] = AREA,
+                       augment: str = "randaugment") -> TrainLoader:
     """The training loader for one stage: ``len(loader)`` steps per epoch on every rank.
 
     ``shards``: a shard-set directory (or :class:`ShardSet`) and ``split``, or a list of tar files
@@ -294,6 +308,9 @@ def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, rand
     ``num_workers``: DALI threads or DataLoader workers (default: the CPUs this process may use).
     ``crop_area``: the random-resized-crop area range (official 0.05-1; small, centred images such as
     Fashion-MNIST keep more of the object with a larger lower bound).
+    ``augment``: ``"randaugment"`` (random-resized crop, flip, RandAugment: training from scratch) or
+    ``"finetune"`` (whole image, flip, noise cutout of half-size S/4: fine-tuning and transfer, facts
+    §4; needs ``randaug_magnitude=None``).
     """
     table, spec, name = _common(shards, split, batch_size, image_size, num_classes, device, backend, rank,
                                 world_size, dtype)
@@ -301,7 +318,7 @@ def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, rand
         raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
     workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
     be = _make_backend(name, table, image_size, randaug_magnitude, randaug_layers, workers, seed, True, None,
-                       spec.device, check_crop_area(crop_area))
+                       spec.device, check_crop_area(crop_area), _check_augment(augment, randaug_magnitude))
     return TrainLoader(table, spec, be, name, rank, world_size, seed, mix=MixConfig(mixup_alpha, cutmix_alpha))
 
 

@@ -19,15 +19,14 @@ How this graph stays cheap (measured in CPU time per 224 px image on this 2-core
 * All randomness is drawn on the host with numpy (:func:`sample_params`, seeded per step) and fed as
   per-sample inputs, so the magnitude and every choice are runtime data (no rebuild per magnitude)
   and a resumed run reproduces the same images.
-* Geometric ops never touch pixels one by one: the inverse maps of every rotate/shear/translate of a
-  sample are multiplied into ONE matrix per warp, applied by one nearest-neighbour
-  ``warp_perspective`` (0.1 ms; DALI's bilinear ``warp_affine`` costs 1.2 ms). The colour ops keep
-  their official order around it: with ``n`` layers there are ``n`` colour stages and
-  ``max(n-1, 1)`` warps, ``C1 W1 C2 W2 ... Cn``; layer ``k``'s op goes to colour stage ``k`` or, if
-  geometric, into warp ``min(k, n-1)``. A colour stage whose layer drew a geometric op is the
-  identity, so composing geometric ops into one warp never reorders them relative to a colour op
-  (for n=2: ``C1 W C2``). The horizontal flip lives in the crop's resize warp (see
-  :mod:`.dali_pipeline`), before RandAugment as in the official code.
+* Geometric ops never touch pixels one by one: a rotate/shear/translate is its inverse map, applied
+  by one nearest-neighbour ``warp_perspective`` (0.1 ms; DALI's bilinear ``warp_affine`` costs
+  1.2 ms). Each layer ``k`` is a colour stage ``C_k`` then a warp ``W_k`` (``C1 W1 C2 W2 ...``);
+  the layer's op lives in one of the two, the other is skipped. Two geometric layers stay two warps
+  on purpose: one composed matrix would keep pixels that the first op pushes out of the image and
+  the second brings back, where the official (sequential) ops fill them with 128. The horizontal
+  flip lives in the crop's resize warp (see :mod:`.dali_pipeline`), before RandAugment as in the
+  official code.
 * Each op runs inside a DALI ``if`` on its per-sample code (a warp only where a geometric op was
   drawn), so it processes only the samples that drew it; splitting and merging costs next to
   nothing. The ops avoid DALI's CPU float arithmetic (~1 ms per image): integer arithmetic for
@@ -101,16 +100,12 @@ class Levels:
         return min(max(int(self.ratio * 110), 0), 255)
 
 
-def num_warps(layers: int) -> int:
-    return max(layers - 1, 1) if layers > 0 else 0
-
-
 def param_names(layers: int) -> list[str]:
     """Names of the per-sample inputs the graph reads, in the order :func:`sample_params` fills them."""
     names = ["mask", "thr", "add"] if layers else []
     for k in range(layers):
-        names += [f"op{k}", f"fac{k}", f"mix{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}"]
-    return names + [f"{n}{k}" for k in range(num_warps(layers)) for n in ("warp", "geo")]
+        names += [f"op{k}", f"fac{k}", f"mix{k}", f"kern{k}", f"cut_a{k}", f"cut_s{k}", f"warp{k}", f"geo{k}"]
+    return names
 
 
 def _shift(dx: float, dy: float) -> np.ndarray:
@@ -150,12 +145,11 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: fl
     centre = rng.integers(0, size, (batch, layers, 2))
     ops = drawn if ops is None else np.asarray(ops)
     sign = drawn_sign if sign is None else np.asarray(sign, np.float64)
-    nw = num_warps(layers)
     full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
     p: dict[str, np.ndarray] = {"mask": full((0xFF << (8 - lv.bits)) & 0xFF, np.uint8),
                                 "thr": full(lv.threshold, np.int16), "add": full(lv.addition, np.int16)}
-    warps = np.tile(np.eye(3), (batch, nw, 1, 1))
-    used = np.zeros((batch, nw), bool)
+    warps = np.tile(np.eye(3), (batch, layers, 1, 1))
+    used = np.zeros((batch, layers), bool)
     f = lv.factor
     smooth = (1.0 - f) * _SMOOTH
     smooth[1, 1] += f
@@ -172,14 +166,12 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, magnitude: fl
         hi = np.clip(centre[:, k] + lv.cutout_pad, 0, size)
         p[f"cut_a{k}"] = lo.astype(np.float32)  # (y, x), axis_names "HW"
         p[f"cut_s{k}"] = (hi - lo).astype(np.float32)
-        w = min(k, nw - 1)
         for i in np.flatnonzero(geo):
             op = OPS[code[i]]
-            warps[i, w] = warps[i, w] @ _inverse_map(op, sign[i, k] * values[op], size)
-            used[i, w] = True
-    for w in range(nw):
-        p[f"warp{w}"] = warps[:, w].astype(np.float32)
-        p[f"geo{w}"] = used[:, w]
+            warps[i, k] = _inverse_map(op, sign[i, k] * values[op], size)
+            used[i, k] = True
+        p[f"warp{k}"] = warps[:, k].astype(np.float32)
+        p[f"geo{k}"] = used[:, k]
     return p
 
 
@@ -188,10 +180,9 @@ def apply(x, p: dict, layers: int, device: str):
 
     Must be traced inside a pipeline built with ``enable_conditionals=True``.
     """
-    nw = num_warps(layers)
     for k in range(layers):
         x = _colour_stage(x, p, k, device)
-        if k < nw and p[f"geo{k}"]:
+        if p[f"geo{k}"]:
             x = warp(x, p[f"warp{k}"], nearest=True)
     return x
 

@@ -12,6 +12,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+from effnetv2.pipeline.geometry import POLICIES
+
 from .plan import PRESETS
 from .schedule import KINDS
 
@@ -52,6 +54,7 @@ class TrainConfig:
     resize_every: float = 10.0  # random-resize: epochs between size draws
     randaug_layers: int = 2  # 0 = no RandAugment
     crop_area: tuple[float, float] = (0.05, 1.0)  # random-resized-crop area range (official 0.05-1)
+    augment: str = "randaugment"  # randaugment (crop, flip, RandAugment) | finetune (whole image, flip, noise cutout)
     eval_size: int = 0  # 0 = the model's eval size
     eval_crop: float | None = None  # None = the loader's rule (S/(S+32) below 320 px, else whole image)
     eval_batch_size: int = 0  # global; 0 = batch_size
@@ -94,7 +97,7 @@ class TrainConfig:
 
 
 _CHOICES = {"plan": PRESETS, "lr_schedule": KINDS, "loss": ("softmax", "bce"), "amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "cuda"),
-            "backend": ("auto", "dali", "albumentations")}
+            "backend": ("auto", "dali", "albumentations"), "augment": POLICIES}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -110,6 +113,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "num_stages", "log_every", "keep_last"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.augment == "finetune" and cfg.randaug_layers > 0:
+        raise ValueError("augment=finetune (whole image, flip, noise cutout) has no RandAugment: "
+                         "set randaug_layers=0")
     if cfg.epochs <= 0 and cfg.total_steps <= 0:
         raise ValueError("set epochs > 0 or total_steps > 0")
 

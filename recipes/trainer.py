@@ -155,7 +155,8 @@ def train(cfg: TrainConfig) -> RunResult:
             stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha,
             stage.cutmix_alpha, num_classes=num_classes, device=str(device), backend=cfg.backend,
             rank=info.rank, world_size=info.world_size, seed=data_seed, randaug_layers=cfg.randaug_layers,
-            split=cfg.train_split, num_workers=cfg.num_workers, crop_area=cfg.crop_area)
+            split=cfg.train_split, num_workers=cfg.num_workers, crop_area=cfg.crop_area,
+            augment=cfg.augment)
         if len(loader) != steps_per_epoch:
             raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {steps_per_epoch}")
         model.set_dropout(stage.dropout)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from effnetv2.pipeline import randaugment_dali as ra
 from effnetv2.pipeline import randaugment_np as rnp
-from effnetv2.pipeline.dali_pipeline import random_crop_windows, resize_matrices
+from effnetv2.pipeline.dali_pipeline import resize_matrices
 from effnetv2.pipeline.jpeg import checked_jpeg_size
 
 dali = pytest.importorskip("nvidia.dali")
@@ -71,7 +71,8 @@ def test_levels_match_the_numpy_policy():
 
 def test_every_op_and_the_layer_order_match_the_numpy_reference(small_images):
     """Sample i < 16 applies op i (second layer: no op, code -1); the last four pin the order of two
-    layers: a colour op after a geometric one transforms its fill, before it does not."""
+    layers: a colour op after a geometric one transforms its fill, before it does not; two geometric
+    ops lose what the first pushes out of the image."""
     magnitude = 7.5  # fractional on purpose: 3 bits, threshold 192, addition 82, cutout 30 px
     none = -1
     pairs = [(i, none) for i in range(16)]
@@ -106,17 +107,7 @@ def test_every_op_and_the_layer_order_match_the_numpy_reference(small_images):
         a, b = (ra.OPS[c] for c in ops[i])
         ref = _reference(b, _reference(a, small_images[i], policy, sign[i, 0]), policy, sign[i, 1])
         off = (np.abs(out[i].astype(int) - ref.astype(int)).max(-1) > 1).mean()
-        if a in ra.GEOMETRIC and b in ra.GEOMETRIC:
-            # composed into ONE warp, a then b: one nearest lookup instead of two (the sequential
-            # reference rounds twice: ~20% of textured pixels and ~3% of the empty border differ)
-            m = ra._inverse_map(a, sign[i, 0] * _value(a, magnitude), S) @ ra._inverse_map(
-                b, sign[i, 1] * _value(b, magnitude), S)
-            composed = cv2.warpAffine(small_images[i], m[:2], (S, S), borderValue=(128, 128, 128),
-                                      flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-            fill = lambda x: (x == 128).all(-1).mean()  # noqa: E731
-            assert np.array_equal(out[i], composed) and off < 0.3 and abs(fill(out[i]) - fill(ref)) < 0.05
-        else:
-            assert off == 0, (a, b, off)
+        assert off == 0, (a, b, off)  # two geometric layers are two warps: sequential, as the official ops
     assert (out[16] == 127).all(-1).mean() > 0.1 and (out[17] == 128).all(-1).mean() > 0.1  # fill inverted or not
 
 
@@ -141,23 +132,6 @@ def test_resize_warp_flips_and_scales_like_opencv(small_images):
         assert np.array_equal(same[i], imgs[i][:, ::-1] if flip[i] else imgs[i])
         ref = cv2.resize(imgs[i], (40, 40), interpolation=cv2.INTER_LINEAR).astype(int)
         assert np.abs(small[i].astype(int) - ref).max() <= 1
-
-
-def test_random_crop_windows_respect_area_aspect_and_bounds():
-    rng = np.random.default_rng(0)
-    hw = np.array([[360, 480], [500, 333], [64, 64], [30, 400]] * 500)
-    win = random_crop_windows(rng, hw)
-    x0, y0, w, h = win.T
-    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= hw[:, 1]).all() and (y0 + h <= hw[:, 0]).all()
-    regular = hw[:, 0] >= 64
-    area = (w * h / (hw[:, 0] * hw[:, 1]))[regular]
-    aspect = (w / h)[regular]
-    assert area.min() > 0.04 and area.max() <= 1.0
-    # small areas always fit, so below 0.5 the area is uniform (large ones are rejected more often)
-    low, high = ((area >= 0.05) & (area < 0.275)).mean(), ((area >= 0.275) & (area < 0.5)).mean()
-    assert abs(low - high) < 0.05 and low + high > 0.45
-    assert aspect.min() > 0.7 and aspect.max() < 1.4
-    assert np.array_equal(win, random_crop_windows(np.random.default_rng(0), hw))
 
 
 def test_jpeg_size_reads_headers_and_rejects_broken_files(photos):

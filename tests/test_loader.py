@@ -185,6 +185,41 @@ def test_eval_centre_crop_and_whole_image_geometry(tmp_path, photos, backend):
         loader.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finetune_augment_is_whole_image_flip_and_a_noise_cutout(id_shards, backend):
+    """Facts §4: every image is the whole photo resized to S (maybe flipped) except one box of at most
+    S/2 x S/2 (half-size S/4, clipped at the border) of uniform noise."""
+    size, half = 96, 96 // 4  # the photos are 96-160 px: no reduced (DCT-scaled) decode at 96
+    loader = build_train_loader(id_shards, 20, size, None, backend=backend, seed=5, augment="finetune",
+                                num_workers=1)
+    noise, flips = [], 0
+    for images, targets in loader:
+        got = _pixels(images)
+        for k, sid in enumerate(_ids(targets)):
+            data, _ = loader.table.read_sample(sid)
+            full = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            ref = cv2.resize(full, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+            diffs = [np.abs(got[k] - r).max(-1) for r in (ref, ref[:, ::-1])]
+            flipped = int(np.median(diffs[1]) < np.median(diffs[0]))
+            flips += flipped
+            changed = diffs[flipped] > 40
+            ys, xs = np.nonzero(changed)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            assert y1 - y0 <= 2 * half and x1 - x0 <= 2 * half, (sid, y0, y1, x0, x1)
+            box = np.zeros_like(changed)
+            box[y0:y1, x0:x1] = True
+            assert changed[box].mean() > 0.9 and diffs[flipped][~box].mean() < 3.0, sid
+            noise.append(got[k][box].ravel())
+    loader.close()
+    pixels = np.concatenate(noise)
+    assert pixels.mean() == pytest.approx(127.5, abs=3) and pixels.std() == pytest.approx(73.9, abs=3)
+    assert 8 <= flips <= 32  # of 40: p = 1/2
+    with pytest.raises(ValueError, match="no RandAugment"):
+        build_train_loader(id_shards, 20, size, 5.0, backend=backend, augment="finetune")
+    with pytest.raises(ValueError, match="policy"):
+        build_train_loader(id_shards, 20, size, None, backend=backend, augment="autoaugment")
+
+
 # -- augmentation strength ------------------------------------------------------------------------------
 def _structure(images: np.ndarray) -> np.ndarray:
     """8x8 block means of the grey image, ranked: survives point ops (even inversion), not geometry."""
@@ -222,23 +257,29 @@ def test_magnitude_zero_keeps_geometry_and_twenty_changes_more_than_five(small_s
 
 
 def test_backends_match_statistically(small_shards):
-    """Same settings, independent randomness: the image statistics of the two backends agree."""
+    """Same settings, independent randomness: the image statistics of the two backends agree.
+
+    The share of fill pixels (exactly 128) per image is nearly all-or-nothing at level 15 on 64 px
+    images (a 150 px translate or a 120 px cutout blanks the image), so its means are compared within
+    4 standard errors rather than a fixed tolerance.
+    """
     stats = {}
     for backend in BACKENDS:
         for magnitude in (None, 15.0):
             loader = build_train_loader(small_shards, 32, 64, magnitude, backend=backend, seed=0)
             px = []
-            for epoch in range(3):
+            for epoch in range(6):
                 loader.set_epoch(epoch)
                 px += [_pixels(x) for x, _ in loader]
             loader.close()
             px = np.concatenate(px)
-            stats[backend, magnitude] = (px.mean((0, 1, 2)), px.std((0, 1, 2)), (px == 128).all(-1).mean())
+            stats[backend, magnitude] = (px.mean((0, 1, 2)), px.std((0, 1, 2)), (px == 128).all(-1).mean((1, 2)))
     for magnitude, tol in ((None, 6.0), (15.0, 10.0)):
         (m1, s1, f1), (m2, s2, f2) = stats["dali", magnitude], stats["albumentations", magnitude]
         assert np.abs(m1 - m2).max() < tol and np.abs(s1 - s2).max() < tol, (magnitude, m1, m2, s1, s2)
-        assert abs(f1 - f2) < 0.05, (magnitude, f1, f2)
-    assert stats["dali", 15.0][2] > 0.05  # translate/rotate/cutout leave plenty of fill at level 15
+        standard_error = np.sqrt(f1.var() / len(f1) + f2.var() / len(f2))
+        assert abs(f1.mean() - f2.mean()) <= 4 * standard_error + 1e-3, (magnitude, f1.mean(), f2.mean())
+    assert stats["dali", 15.0][2].mean() > 0.05  # translate/rotate/cutout leave plenty of fill at level 15
 
 
 # -- bad data -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from trainer_fixtures import multilabel_shards, one_thread, photo_shards  # noqa
 
 from effnetv2.model import CONFIGS
 from effnetv2.recipes import checkpoint, in1k, in1k_finetune, in21k_pretrain, train_cli, transfer
-from effnetv2.recipes.config import TrainConfig, apply_overrides, format_config
+from effnetv2.recipes.config import TrainConfig, apply_overrides, format_config, validate
 from effnetv2.recipes.trainer import build_plan, train
 
 OFFICIAL = {  # facts file §2 and §5
@@ -23,9 +23,9 @@ OFFICIAL = {  # facts file §2 and §5
                          mixup=(0.0, 0.0), dropout=(0.0, 0.0), num_classes=0, loss="softmax"),
     in1k_finetune: dict(batch_size=512, epochs=15.0, lr_per_256=0.0005, lr_schedule="constant",
                         ema_decay=0.9996, weight_decay=1e-5, label_smoothing=0.1, new_head=True,
-                        image_size=(384, 384), eval_size=384),
+                        image_size=(384, 384), eval_size=384, augment="finetune", randaug_layers=0),
     transfer: dict(batch_size=512, total_steps=10_000, lr_per_256=0.0005, lr_schedule="cosine",
-                   weight_decay=0.0, new_head=True),
+                   weight_decay=0.0, new_head=True, augment="finetune"),
 }
 
 
@@ -61,6 +61,16 @@ def test_set_overrides_are_type_checked():
     with pytest.raises(ValueError, match="expected a boolean"):
         apply_overrides(cfg, ["resume=maybe"])
     assert "  batch_size      = 64" in format_config(cfg)
+
+
+def test_finetune_augmentation_is_checked_before_anything_is_built():
+    cfg = apply_overrides(in1k_finetune.config(), ["data=/shards", "init_from=runs/in21k-pretrain"])
+    validate(cfg)
+    assert in1k.config().augment == "randaugment"
+    with pytest.raises(ValueError, match="no RandAugment: set randaug_layers=0"):
+        validate(apply_overrides(cfg, ["randaug_layers=2"]))
+    with pytest.raises(ValueError, match="augment='autoaugment': choose one of randaugment, finetune"):
+        validate(apply_overrides(cfg, ["augment=autoaugment"]))
 
 
 def test_train_cli_dry_run_prints_config_and_plan(capsys):

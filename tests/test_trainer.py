@@ -31,7 +31,9 @@ def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["event"] == "train"]  # each the mean of 8 steps
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses  # training loss (random crops, noisy)
+    # training loss within stage 1 (steps 0-24, no RandAugment); stage 2 turns RandAugment on, so its
+    # loss is not comparable, and over 8 steps of 16 images it swings with the ops drawn
+    assert (losses[1] + losses[2]) / 2 < 0.9 * losses[0], losses
     assert result.stages[-1]["eval_loss"] < 0.7 * before  # held-out loss of the EMA vs the initial model
     stages = [r for r in records if r["event"] == "stage"]
     assert [(s["image_size"], s["first_step"], s["end_step"]) for s in stages] == [(48, 0, 24), (64, 24, 48)]
