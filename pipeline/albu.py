@@ -33,8 +33,8 @@ Design, and why:
 
 Train: the crop window from :mod:`.geometry` (random-resized crop; for ``policy="finetune"`` the whole
 image), bilinear resize to S, horizontal flip with p=0.5, then RandAugment (``randaug_magnitude=None``
-= off; 0 is level 0) or, for fine-tuning, the noise cutout of :func:`.geometry.noise_cutouts`.
-Eval: the centre window of :func:`.geometry.centre_crop_windows` with ``r = eval_crop_ratio(S,
+= off; 0 is level 0) or, for fine-tuning, the noise cutout of :func:`.geometry.noise_cutout`.
+Eval: the centre window of :func:`.geometry.centre_crop_window` with ``r = eval_crop_ratio(S,
 crop_ratio)`` (None: S/(S+32) below 320 px), resized to S×S.
 
 Corrupt samples (the loader contract): a row whose JPEG cannot be decoded gets labels ``()`` and a
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .geometry import AREA, centre_crop_windows, eval_crop_ratio, noise_cutouts, random_crop_windows
+from .geometry import AREA, Window, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
 from .jpeg import jpeg_size
 from .randaugment_np import RandAugment
 from .sampler import SampleTable
@@ -64,7 +64,6 @@ from .sampler import SampleTable
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _DECODE_FLAGS = {1: _RGB, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | _RGB, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | _RGB,
                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | _RGB}
-Window = tuple[int, int, int, int]  # x0, y0, w, h in source pixels (geometry's rows)
 
 
 # -- decode and resize ------------------------------------------------------------------------------
@@ -161,9 +160,9 @@ class _BatchDataset(Dataset):
                 return "not a decodable JPEG"
             src_hw = img.shape[:2]
         if spec.train and not spec.finetune:
-            window = tuple(random_crop_windows(rng, src_hw, spec.crop_area)[0])
+            window = random_crop_window(rng, *src_hw, spec.crop_area)
         else:
-            window = tuple(centre_crop_windows(src_hw, 1.0 if spec.train else spec.crop_ratio)[0])
+            window = centre_crop_window(*src_hw, 1.0 if spec.train else spec.crop_ratio)
         if img is None:
             img = decode(data, reduction(window, size) if spec.reduced_decode else 1)
             if img is None:
@@ -175,9 +174,8 @@ class _BatchDataset(Dataset):
         if rng.random() < 0.5:
             img = cv2.flip(img, 1)
         if spec.finetune:
-            anchor, shape, noise = noise_cutouts(rng, 1, size)
-            (y, x), (h, w) = anchor[0], shape[0]
-            img[y : y + h, x : x + w] = noise[0]
+            (x, y, w, h), noise = noise_cutout(rng, size)
+            img[y : y + h, x : x + w] = noise
         elif self.randaug is not None:
             img = self.randaug(img, rng)
         out[...] = img

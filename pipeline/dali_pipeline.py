@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import randaugment_dali
-from .geometry import AREA, centre_crop_windows, eval_crop_ratio, noise_cutouts, random_crop_windows
+from .geometry import AREA, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
 from .jpeg import checked_jpeg_size
 from .sampler import SampleTable
 
@@ -117,20 +117,22 @@ class BatchSource:
         self.pending.append((step, labels))
         crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
         if cfg.finetune:
-            win = centre_crop_windows(hw, 1.0)
+            win = windows(centre_crop_window(h, w, 1.0) for h, w in hw)
             resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
-            anchor, shape, noise = noise_cutouts(np.random.default_rng([cfg.seed, self.epoch, step, 1]), b,
-                                                 cfg.image_size)
-            params = {"noise": noise, "noise_a": anchor.astype(np.float32), "noise_s": shape.astype(np.float32),
-                      "noise_at": -anchor.astype(np.float32)}
+            noise_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
+            cuts = [noise_cutout(noise_rng, cfg.image_size) for _ in range(b)]
+            box = windows(c[0] for c in cuts).astype(np.float32)
+            anchor, shape = box[:, [1, 0]], box[:, [3, 2]]  # (y, x) and (h, w): axis order "HW"
+            params = {"noise": [c[1] for c in cuts], "noise_a": anchor, "noise_s": shape, "noise_at": -anchor}
         elif cfg.train:
-            win = random_crop_windows(crop_rng, hw, cfg.crop_area)
+            win = windows(random_crop_window(crop_rng, h, w, cfg.crop_area) for h, w in hw)
             resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
             ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
             params = randaugment_dali.sample_params(ra_rng, b, cfg.image_size, cfg.randaug_magnitude,
                                                     cfg.layers)
         else:
-            win = centre_crop_windows(hw, eval_crop_ratio(cfg.image_size, cfg.crop_ratio))
+            ratio = eval_crop_ratio(cfg.image_size, cfg.crop_ratio)
+            win = windows(centre_crop_window(h, w, ratio) for h, w in hw)
             resize, params = resize_matrices(win, cfg.image_size), {}
         nodes = {"crop_a": win[:, :2], "crop_s": win[:, 2:], "resize": resize, **params}
         return (jpegs, *(_contiguous(nodes[name]) for name in cfg.names()[1:]))
@@ -173,6 +175,11 @@ class BatchSource:
         raise RuntimeError(f"no decodable sample in {self.table.files[0].parent}")
 
 
+def windows(rows) -> np.ndarray:
+    """Per-image windows ``(x0, y0, w, h)`` as one (n, 4) int32 array."""
+    return np.array(list(rows), np.int32).reshape(-1, 4)
+
+
 def _contiguous(node):
     """An external-source output: one array for the batch, or a list of per-sample arrays as is."""
     return node if isinstance(node, list) else np.ascontiguousarray(node)
@@ -194,13 +201,13 @@ def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device
                                 adjust_orientation=False, **decoder)
     x = randaugment_dali.warp(x, p["resize"], nearest=False, size=image_size)
     if finetune:
-        x = noise_cutout(x, p, image_size, device)
+        x = paste_noise(x, p, image_size, device)
     elif train:
         x = randaugment_dali.apply(x, p, layers, device)
     return x
 
 
-def noise_cutout(x, p: dict, size: int, device: str):
+def paste_noise(x, p: dict, size: int, device: str):
     """Fill each image's cutout box with its noise pixels: erase the box to 0, then add the noise
     placed on an S x S canvas of zeros (a slice of the noise tile starting at minus the anchor)."""
     from nvidia.dali import fn

@@ -15,7 +15,7 @@ from PIL import Image
 
 from effnetv2.pipeline import albu
 from effnetv2.pipeline.albu import AlbuBackend
-from effnetv2.pipeline.geometry import centre_crop_windows, random_crop_windows
+from effnetv2.pipeline.geometry import centre_crop_window, random_crop_window
 from effnetv2.pipeline.jpeg import jpeg_size
 from effnetv2.pipeline.randaugment_np import RandAugment
 from effnetv2.pipeline.sampler import CorruptSampleWarning, SampleTable, epoch_order
@@ -78,7 +78,7 @@ def test_reduced_decode_gives_the_same_region_less_aliased(photos):
             assert albu.decode(data, r).shape == (math.ceil(hw[0] / r), math.ceil(hw[1] / r), 3)
         full = albu.decode(data)
         for _ in range(2):
-            x, y, w, h = window = tuple(random_crop_windows(rng, hw, area=(0.6, 1.0))[0])
+            x, y, w, h = window = random_crop_window(rng, *hw, area=(0.6, 1.0))
             r = albu.reduction(window, 96)
             assert r >= 2
             reduced = blur(albu.crop_resize(albu.decode(data, r), window, hw, 96))
@@ -136,7 +136,7 @@ def test_magnitude_0_keeps_geometry_and_20_changes_more_than_5(train_table):
     for k, sid in enumerate(order):
         rng = np.random.default_rng([0, 0, int(sid)])
         data, _ = train_table.read_sample(int(sid))
-        random_crop_windows(rng, jpeg_size(data))
+        random_crop_window(rng, *jpeg_size(data))
         rng.random()
         np.testing.assert_array_equal(m0[k].numpy(), policy(plain[k].numpy(), rng))
 
@@ -156,7 +156,7 @@ def test_eval_is_the_official_centre_crop_or_whole_image(small_shards):
         for k in range(len(order)):
             data, labels = table.read_sample(k)
             img = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            left, top, w, h = centre_crop_windows(img.shape[:2], resolved)[0]
+            left, top, w, h = centre_crop_window(*img.shape[:2], resolved)
             want = cv2.resize(img[top : top + h, left : left + w], (S, S), interpolation=cv2.INTER_LINEAR)
             np.testing.assert_array_equal(x[k].numpy(), want)
             assert y[k] == labels
