@@ -220,6 +220,13 @@ def paste_noise(x, p: dict, size: int, device: str):
 
 
 def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
+    pipe = define_pipeline(cfg, batch_size, source)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(cfg: DaliConfig, batch_size: int, source):
+    """The traced, not yet built pipeline (building it needs the device; tracing does not)."""
     from nvidia.dali import fn, pipeline_def
 
     names = cfg.names()
@@ -232,9 +239,7 @@ def build_pipeline(cfg: DaliConfig, batch_size: int, source: BatchSource):
         return augment(nodes["jpeg"], nodes, image_size=cfg.image_size, layers=cfg.layers,
                        train=cfg.train, device="gpu" if cfg.on_gpu else "cpu", finetune=cfg.finetune)
 
-    pipe = pipeline()
-    pipe.build()
-    return pipe
+    return pipeline()
 
 
 def _dali_decodes(data: np.ndarray, cfg: DaliConfig) -> bool:

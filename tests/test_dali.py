@@ -170,6 +170,32 @@ def test_gpu_pipeline_delivers_on_the_device_and_agrees_with_the_cpu_one(small_s
         loader.close()
 
 
+@pytest.mark.parametrize("train,policy", [(True, "randaugment"), (True, "finetune"), (False, "randaugment")])
+def test_the_gpu_graph_puts_every_image_op_on_the_gpu_with_an_operator_dali_has_there(train, policy):
+    """Runs without a GPU: the GPU pipeline is traced (not built) and every operator is checked against
+    DALI's registry for the device it is placed on; everything downstream of the decoder must be on
+    the GPU (only the per-sample parameters from the host may stay on the CPU)."""
+    from nvidia.dali.ops import _registry
+
+    from effnetv2.pipeline.dali_pipeline import DaliConfig, define_pipeline
+
+    cfg = DaliConfig(64, train, 9.0 if policy == "randaugment" and train else None, 2, device_id=0, policy=policy)
+    pipe = define_pipeline(cfg, 4, source=lambda: None)
+    pipe._build_graph()
+    registry = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()), "mixed": set(_registry.mixed_ops())}
+    image_ops, placement = set(), {}
+    for op in pipe._ops:  # in topological order
+        name, device = getattr(op._op, "schema_name", type(op._op).__name__), op._op.device
+        placement[op.id] = device
+        if name != "ExternalSource":
+            assert name in registry[device], (name, device)
+        if device == "mixed" or any(node.source.id in image_ops for node in op.inputs):
+            image_ops.add(op.id)
+            assert device in ("mixed", "gpu"), (name, device)
+    assert [placement[i] for i in image_ops].count("mixed") == 1  # one decoder, the rest on the GPU
+    assert len(image_ops) > (40 if train and policy == "randaugment" else 1)
+
+
 @pytest.mark.gpu
 def test_batch_finishing_and_mixing_never_sync_the_host(small_shards):
     from effnetv2.pipeline import build_train_loader
