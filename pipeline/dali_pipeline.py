@@ -189,10 +189,10 @@ def _contiguous(node):
 def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str,
             finetune: bool = False):
     """The augmentation graph: ROI decode of the crop window; one bilinear warp that resizes it to
-    S x S (and flips it, in training: the flip is part of the per-sample matrix); then for training
-    RandAugment, or for fine-tuning the noise cutout. ``p`` maps :meth:`DaliConfig.names` to the external source's nodes; ``device`` is
-    "gpu" or "cpu" and is the only thing that differs. The bilinear ``warp_perspective`` costs a
-    third of DALI's CPU ``resize`` (0.3 vs 0.7-1.0 ms per 224 px image), the same on a GPU."""
+    S x S (and flips it, in training: the flip is part of the per-sample matrix); then RandAugment in
+    training, or the noise cutout in fine-tuning. ``p`` maps :meth:`DaliConfig.names` to the external
+    source's nodes; ``device`` is "gpu" or "cpu" and is the only thing that differs. The bilinear
+    ``warp_perspective`` costs a third of DALI's CPU ``resize`` (0.3 vs 0.7-1.0 ms per 224 px image)."""
     from nvidia.dali import fn, types
 
     decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
