@@ -27,6 +27,28 @@ class StageSpec:
     out_ch: int
     se: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Reject what the builder cannot build (or would build wrongly), naming the field."""
+        if self.block not in ("fused", "mbconv"):
+            raise ValueError(f"block must be 'fused' or 'mbconv', got {self.block!r}")
+        for field in ("repeats", "kernel", "stride", "expand", "in_ch", "out_ch"):
+            _check_positive_int(field, getattr(self, field))
+        if self.kernel % 2 == 0:  # the builder pads k // 2: an even kernel would shift the feature map
+            raise ValueError(f"kernel must be odd, got {self.kernel}")
+        if not _is_number(self.se) or not 0.0 <= self.se <= 1.0:
+            raise ValueError(f"se must be a number in [0, 1], got {self.se!r}")
+        if self.block == "fused" and self.se != 0.0:  # the builder has no SE in a fused block
+            raise ValueError(f"a fused block has no squeeze-excitation: se must be 0, got {self.se}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_positive_int(field: str, value: object, owner: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner + ': ' if owner else ''}{field} must be a positive int, got {value!r}")
+
 
 def F(r: int, k: int, s: int, e: int, c_in: int, c_out: int) -> StageSpec:  # noqa: N802 (table notation)
     """A Fused-MBConv stage (never has squeeze-excitation)."""
@@ -63,9 +85,25 @@ class ModelConfig:
     official: bool = True
 
     def __post_init__(self) -> None:
-        for a, b in zip(self.stages, self.stages[1:]):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.stages, tuple) or not self.stages or \
+                not all(isinstance(s, StageSpec) for s in self.stages):
+            raise ValueError(f"{self.name}: stages must be a non-empty tuple of StageSpec")
+        for field in ("train_size", "eval_size", "head_ch", "stem_stride"):
+            _check_positive_int(field, getattr(self, field), self.name)
+        for field in ("width", "depth"):
+            value = getattr(self, field)
+            if not _is_number(value) or not 0.0 < value < math.inf:
+                raise ValueError(f"{self.name}: {field} must be a positive number, got {value!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.name}: dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.official, bool):
+            raise ValueError(f"{self.name}: official must be true or false, got {self.official!r}")
+        for i, (a, b) in enumerate(zip(self.stages, self.stages[1:])):
             if a.out_ch != b.in_ch:
-                raise ValueError(f"{self.name}: stage output {a.out_ch} does not feed next input {b.in_ch}")
+                raise ValueError(f"{self.name}: stages do not chain: stages[{i}].out_ch = {a.out_ch} but "
+                                 f"stages[{i + 1}].in_ch = {b.in_ch}")
 
     def scaled_stages(self) -> tuple[StageSpec, ...]:
         """The table after width (channels) and depth (repeats) scaling."""

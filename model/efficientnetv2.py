@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 
 from .blocks import ConvBNAct, FusedMBConv, LayerOptions, MBConv
 from .config import CONFIGS, ModelConfig
+from .config_file import get_config
 
 
 class EfficientNetV2(nn.Module):
@@ -120,12 +122,13 @@ def list_models() -> list[str]:
     return list(CONFIGS)
 
 
-def create_model(name: str, num_classes: int = 1000, *, drop_rate: float | None = None,
-                 drop_path_rate: float = 0.2, bn_momentum: float = 0.1, bn_eps: float = 1e-3,
-                 tf_padding: bool = False) -> EfficientNetV2:
-    """Build a named model. ``drop_rate=None`` uses the model's own dropout; ``tf_padding=True`` uses TF
-    "SAME" padding, needed to reproduce the official weights (timm ``tf_efficientnetv2_*``) exactly."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(CONFIGS)}")
-    return EfficientNetV2(CONFIGS[name], num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+def create_model(model: str | os.PathLike | ModelConfig, num_classes: int = 1000, *,
+                 drop_rate: float | None = None, drop_path_rate: float = 0.2, bn_momentum: float = 0.1,
+                 bn_eps: float = 1e-3, tf_padding: bool = False) -> EfficientNetV2:
+    """Build a model from a registered name, a model config file (``runs/search/best.json``) or a ModelConfig.
+
+    ``drop_rate=None`` uses the model's own dropout; ``tf_padding=True`` uses TF "SAME" padding, needed to
+    reproduce the official weights (timm ``tf_efficientnetv2_*``) exactly.
+    """
+    return EfficientNetV2(get_config(model), num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                           bn_momentum=bn_momentum, bn_eps=bn_eps, tf_padding=tf_padding)
