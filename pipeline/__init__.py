@@ -1,19 +1,8 @@
-"""Everything that touches samples: sharding datasets, and turning shards into augmented batches.
+"""Everything that touches samples, in three sub-packages that only meet at the shard format.
 
-The loaders import torch, so they are loaded on first use: the sharder and its workers stay light.
+- ``effnetv2.pipeline.format``: the shard format (tar + DALI index + ``_info.json``), JPEG headers and
+  atomic file writes; shared by both sides, imports neither torch nor DALI.
+- ``effnetv2.pipeline.sharder``: offline, datasets on disk -> shard sets (``effnetv2 shard``).
+- ``effnetv2.pipeline.loaders``: online, shard sets -> augmented device batches for one stage
+  (DALI on a GPU or CPU, or the OpenCV backend where DALI does not exist).
 """
-
-from .shards import MANIFEST, ShardSet, ShardWriter, read_shard_set
-
-_LAZY = {"BatchSpec": "loader", "EvalLoader": "loader", "TrainLoader": "loader", "build_eval_loader": "loader",
-         "build_train_loader": "loader", "SampleTable": "sampler", "epoch_order": "sampler"}
-
-__all__ = ["MANIFEST", "ShardSet", "ShardWriter", "read_shard_set", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,10 +49,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effnetv2.pipeline.format.shards import ShardSet
+
 from .geometry import AREA, check_policy
 from .mix import MixConfig, mix_batch
 from .sampler import SampleTable, epoch_order, steps_per_epoch
-from .shards import ShardSet
 
 BACKENDS = ("auto", "dali", "albumentations")
 
@@ -121,12 +122,12 @@ def _make_backend(name: str, table: SampleTable, image_size: int, magnitude: flo
                   num_workers: int | None, seed: int, train: bool, crop_ratio: float | None,
                   device: torch.device, crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
     if name == "dali":
-        from .dali_pipeline import DaliBackend
+        from .dali.backend import DaliBackend
 
         return DaliBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
                            device_id=device.index if device.type == "cuda" else None, crop_area=crop_area,
                            policy=policy)
-    from .albu import AlbuBackend
+    from .opencv.backend import AlbuBackend
 
     return AlbuBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
                        pin_memory=device.type == "cuda", crop_area=crop_area, policy=policy)

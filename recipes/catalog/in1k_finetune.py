@@ -15,8 +15,7 @@ from __future__ import annotations
 import sys
 
 from effnetv2.model import CONFIGS
-
-from .config import TrainConfig
+from effnetv2.recipes.engine.config import TrainConfig
 
 
 def config(model: str = "efficientnetv2-s") -> TrainConfig:
@@ -32,6 +31,6 @@ def config(model: str = "efficientnetv2-s") -> TrainConfig:
 
 
 if __name__ == "__main__":
-    from .train_cli import recipe_main
+    from effnetv2.recipes.cli.train import recipe_main
 
     sys.exit(recipe_main("in1k-finetune"))

@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import sources
-    from .sharding import merge_parts, parse_part, summary, write_shard_set, write_tsv
+    from effnetv2.pipeline.sharder import sources
+    from effnetv2.pipeline.sharder.writer import merge_parts, parse_part, summary, write_shard_set, write_tsv
 
     try:
         if args.source == "merge":

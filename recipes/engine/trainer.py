@@ -51,8 +51,8 @@ class RunResult:
 def train(cfg: TrainConfig) -> RunResult:
     """Run ``cfg`` to the end (or to ``cfg.stop_at``); rank 0 prints, logs and writes checkpoints."""
     from effnetv2.model import create_model
-    from effnetv2.pipeline.loader import build_train_loader
-    from effnetv2.pipeline.shards import read_shard_set
+    from effnetv2.pipeline.format.shards import read_shard_set
+    from effnetv2.pipeline.loaders.loader import build_train_loader
 
     validate(cfg)
     info = distributed.init(cfg.device)
@@ -251,7 +251,7 @@ def evaluate(model: nn.Module, shards, cfg: TrainConfig, info: distributed.DistI
     A prediction is correct when it is one of the sample's labels, so the same code scores multi-label
     data; there ``precision@k`` (labels among the top k, divided by k) is reported too.
     """
-    from effnetv2.pipeline.loader import build_eval_loader
+    from effnetv2.pipeline.loaders.loader import build_eval_loader
 
     size = cfg.eval_size or model.config.eval_size
     batch = (cfg.eval_batch_size or cfg.batch_size) // info.world_size

@@ -1,6 +1,6 @@
 """Multi-process training through ``torchrun``: process group, DDP, SyncBN, metric reduction.
 
-``torchrun --nproc_per_node N -m effnetv2.recipes.train_cli RECIPE ...`` sets ``RANK``,
+``torchrun --nproc_per_node N -m effnetv2.recipes.cli.train RECIPE ...`` sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process and nothing here does
 anything. NCCL on CUDA, gloo on CPU (the tests run 2 CPU processes with gloo). Each rank's loader reads
 its own exactly-equal share of every epoch (``rank``/``world_size`` go to the loaders), so DDP never

@@ -1,6 +1,6 @@
 """The official EfficientNetV2 RandAugment as a DALI graph whose random choices are runtime inputs.
 
-Semantics (facts §4, the same table as :mod:`effnetv2.pipeline.randaugment_np`): ``layers`` layers,
+Semantics (facts §4, the same table as :mod:`effnetv2.pipeline.loaders.opencv.randaugment`): ``layers`` layers,
 each picks one of the 16 :data:`OPS` uniformly and always applies it at level ``L`` (10 nominal,
 larger extrapolates); rotate/shear/translate get a random sign; empty pixels are 128; geometric ops
 sample nearest (as TensorFlow's ``image.transform`` does). Clamps, documented: posterize keeps

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .plan import PRESETS, REGIMENS, format_plan, make_plan
+from effnetv2.recipes.engine.plan import PRESETS, REGIMENS, format_plan, make_plan
 
 IMAGENET_TRAIN = 1_281_167
 

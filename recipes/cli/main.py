@@ -12,11 +12,11 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("effnetv2.pipeline.shard_cli", "turn a dataset on disk into WebDataset shards"),
-    "plan": ("effnetv2.recipes.plan_cli", "print the progressive-learning plan (Algorithm 1)"),
-    "train": ("effnetv2.recipes.train_cli", "run a training recipe (demo, in1k, in21k-pretrain, ...)"),
+    "shard": ("effnetv2.recipes.cli.shard", "turn a dataset on disk into WebDataset shards"),
+    "plan": ("effnetv2.recipes.cli.plan", "print the progressive-learning plan (Algorithm 1)"),
+    "train": ("effnetv2.recipes.cli.train", "run a training recipe (demo, in1k, in21k-pretrain, ...)"),
     "bench": ("effnetv2.bench.cli", "measure imgs/sec: loader, step, end to end, sharding"),
-    "doctor": ("effnetv2.recipes.doctor", "report what this machine can run"),
+    "doctor": ("effnetv2.recipes.cli.doctor", "report what this machine can run"),
 }
 
 

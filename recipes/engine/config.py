@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from effnetv2.pipeline.geometry import POLICIES
+from effnetv2.pipeline.loaders.geometry import POLICIES
 
 from .plan import PRESETS
 from .schedule import KINDS

@@ -7,8 +7,8 @@ Three steps, so that the result never depends on how it was produced:
    image is opened, so the bytes of every shard are a pure function of (inputs, seed, options):
    any worker count, ``resume`` after a crash and ``part`` i/n on several machines give the same files.
 2. **Write.** One shard is one task in a process pool: read each image (file, in-memory bytes or tar
-   member), check/convert it (:func:`effnetv2.pipeline.images.check_image`), write it with
-   :class:`~effnetv2.pipeline.shards.ShardWriter`, then record the shard's statistics in
+   member), check/convert it (:func:`effnetv2.pipeline.sharder.images.check_image`), write it with
+   :class:`~effnetv2.pipeline.format.shards.ShardWriter`, then record the shard's statistics in
    ``_parts/{shard}.json``. That record marks the shard as finished for ``resume``.
 3. **Merge.** Each part writes ``_parts/part-{i}-of-{n}.json``; merging them (at once for a single
    part, or ``effnetv2 shard merge OUT``) writes ``_info.json`` and ``rejected.tsv``.
@@ -38,9 +38,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from effnetv2 import __version__
+from effnetv2.pipeline.format.shards import (
+    MANIFEST,
+    ShardSet,
+    ShardWriter,
+    index_path,
+    read_shard_set,
+    shard_name,
+    write_manifest,
+)
+
 from .images import CheckedImage, check_image
-from .shards import MANIFEST, ShardSet, ShardWriter, index_path, read_shard_set, shard_name, write_manifest
 
 PARTS = "_parts"
 REJECTED = "rejected.tsv"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import INDEX_VERSION, ShardSet, index_path, read_shard_set
+from effnetv2.pipeline.format.shards import INDEX_VERSION, ShardSet, index_path, read_shard_set
 
 _TAR_BLOCK = 512
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import TrainConfig
+from effnetv2.recipes.engine.config import TrainConfig
 
 
 def config(model: str = "efficientnetv2-s") -> TrainConfig:
@@ -27,6 +27,6 @@ def config(model: str = "efficientnetv2-s") -> TrainConfig:
 
 
 if __name__ == "__main__":
-    from .train_cli import recipe_main
+    from effnetv2.recipes.cli.train import recipe_main
 
     sys.exit(recipe_main("in21k-pretrain"))

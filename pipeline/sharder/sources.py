@@ -1,4 +1,4 @@
-"""Datasets as they lie on disk, listed as :class:`~effnetv2.pipeline.sharding.SourceItem` per split.
+"""Datasets as they lie on disk, listed as :class:`~effnetv2.pipeline.sharder.writer.SourceItem` per split.
 
 Listing never decodes an image; it only decides which file is which class in which split, in a
 deterministic (sorted) order, so that the sharder's seeded shuffle gives the same plan on every
@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .sharding import SourceItem, TarMember, pool_context
+from .writer import SourceItem, TarMember, pool_context
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 RELEASES = {"fall11": 21841, "winter21": 19167}  # synset counts of the ImageNet-21k releases

@@ -9,7 +9,7 @@ A recipe is a module ``effnetv2.recipes.<name>`` (dashes become underscores) wit
 * ``finish(cfg, result) -> None`` (optional): runs after training on rank 0, e.g. a summary or a chart.
 
 Every recipe module also runs as ``python -m effnetv2.recipes.<name> ...`` with the same options, and
-multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.train_cli RECIPE ...``.
+multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.cli.train RECIPE ...``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import checkpoint
-from .config import TrainConfig, apply_overrides, format_config, validate
-
-RECIPES = ("in1k", "in21k-pretrain", "in1k-finetune", "transfer", "demo")
+from effnetv2.recipes.catalog import NAMES as RECIPES
+from effnetv2.recipes.engine import checkpoint
+from effnetv2.recipes.engine.config import TrainConfig, apply_overrides, format_config, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_recipe(name: str):
-    module_name = f"effnetv2.recipes.{name.replace('-', '_')}"
+    module_name = f"effnetv2.recipes.catalog.{name.replace('-', '_')}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -83,7 +82,7 @@ def clear_run(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .trainer import NonFiniteLoss, build_plan, train
+    from effnetv2.recipes.engine.trainer import NonFiniteLoss, build_plan, train
 
     recipe = load_recipe(args.recipe)
     try:
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
     if args.dry_run:  # before prepare(): a dry run makes nothing
-        from .plan import format_plan
+        from effnetv2.recipes.engine.plan import format_plan
 
         print(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
         print(format_plan(build_plan(cfg)))
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
-    from . import distributed
+    from effnetv2.recipes.engine import distributed
 
     try:
         result = train(cfg)

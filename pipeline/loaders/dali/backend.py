@@ -4,13 +4,13 @@
 and CPU differ only in the ``device`` passed through ("gpu" puts the decoder on ``mixed``, nvJPEG
 with the hardware decoder where present, and everything after it on the GPU).
 
-Samples come from :class:`effnetv2.pipeline.sampler.SampleTable` through ``fn.external_source``, one
+Samples come from :class:`effnetv2.pipeline.loaders.sampler.SampleTable` through ``fn.external_source``, one
 batch per call, in the order given by the loader (see the sampler's docstring for why not
 ``fn.readers.webdataset``). Every random choice (crop window, flip, RandAugment ops, signs, cutout
 boxes) is drawn on the host from numpy generators seeded by ``(seed, epoch, step)`` and fed as
 per-sample inputs: the same seed gives the same images, a resumed run continues exactly, and the
 RandAugment magnitude is data, not a build-time constant. The crop window needs the image size, read
-from the JPEG header in a few microseconds (:func:`~effnetv2.pipeline.jpeg.checked_jpeg_size`); that same check rejects corrupt
+from the JPEG header in a few microseconds (:func:`~effnetv2.pipeline.format.jpeg.checked_jpeg_size`); that same check rejects corrupt
 samples before DALI sees them, because one undecodable image fails a DALI batch as a whole.
 """
 
@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import randaugment_dali
-from .geometry import AREA, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
-from .jpeg import checked_jpeg_size
-from .sampler import SampleTable
+from effnetv2.pipeline.format.jpeg import checked_jpeg_size
+
+from ..geometry import AREA, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
+from ..sampler import SampleTable
+from . import randaugment as randaugment_dali
 
 
 # -- host side: what the external source computes per batch -----------------------------------------

@@ -54,10 +54,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .geometry import AREA, Window, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
-from .jpeg import jpeg_size
-from .randaugment_np import RandAugment
-from .sampler import SampleTable
+from effnetv2.pipeline.format.jpeg import jpeg_size
+
+from ..geometry import AREA, Window, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
+from ..sampler import SampleTable
+from .randaugment import RandAugment
 
 # RGB output, stored pixel order: an EXIF orientation tag is ignored (the sharder applies rotations once,
 # DALI ignores the tag too, and the crop box is drawn in the frame header's coordinates).

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import TrainConfig
+from effnetv2.recipes.engine.config import TrainConfig
 
 DATA = "data/fashion-mnist"
 STORED_SIZE = 64  # stages grow up to this size
@@ -35,9 +35,9 @@ def config(model: str = "efficientnetv2-demo") -> TrainConfig:
 
 def prepare(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """Make the Fashion-MNIST shard set unless a complete one is already there."""
-    from effnetv2.pipeline import fashion_mnist
-    from effnetv2.pipeline.sharding import SourceItem, write_shard_set
-    from effnetv2.pipeline.shards import MANIFEST, read_shard_set
+    from effnetv2.pipeline.format.shards import MANIFEST, read_shard_set
+    from effnetv2.pipeline.sharder import fashion_mnist
+    from effnetv2.pipeline.sharder.writer import SourceItem, write_shard_set
 
     out = Path(cfg.data)
     if (out / MANIFEST).is_file():
@@ -107,6 +107,6 @@ def plot_run(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    from .train_cli import recipe_main
+    from effnetv2.recipes.cli.train import recipe_main
 
     sys.exit(recipe_main("demo"))

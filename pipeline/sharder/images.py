@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .jpeg import read_frame
+from effnetv2.pipeline.format.jpeg import read_frame
 
 # SOF markers of Huffman-coded, non-differential DCT JPEGs: baseline, extended sequential, progressive.
 _COPYABLE_SOF = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
