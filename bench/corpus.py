@@ -131,7 +131,7 @@ def corpus_labels(n: int, num_classes: int, seed: int = 0) -> list[int]:
 def make_corpus(out: Path | str, n: int, *, val: int = 0, num_classes: int = 1000, seed: int = 0,
                 shard_size: int = 256, workers: int | None = None):
     """Write ``n`` training (+ ``val``) look-alike JPEGs and shard them into ``out``; returns the ShardSet."""
-    from effnetv2.pipeline.sharding import SourceItem, write_shard_set
+    from effnetv2.pipeline.sharder.writer import SourceItem, write_shard_set
 
     if n < 1 or val < 0 or num_classes < 1:
         raise ValueError(f"need n >= 1, val >= 0 and num_classes >= 1 (got {n}, {val}, {num_classes})")

@@ -3,9 +3,9 @@
 Per stage of the model's progressive plan, three series, in this order (not interleaved: while one
 series runs, the real loader's workers would otherwise fill their prefetch queue for free):
 
-- ``trainer + loader``: the project's :class:`~effnetv2.recipes.step.TrainStep` on batches from
+- ``trainer + loader``: the project's :class:`~effnetv2.recipes.engine.step.TrainStep` on batches from
   :func:`~effnetv2.pipeline.build_train_loader`, read through the trainer's own
-  :func:`~effnetv2.recipes.trainer.stage_batches`, exactly as :func:`~effnetv2.recipes.trainer.train`
+  :func:`~effnetv2.recipes.engine.trainer.stage_batches`, exactly as :func:`~effnetv2.recipes.engine.trainer.train`
   builds and drives them (minus logging, checkpoints and evaluation, which sit outside the steps);
 - ``trainer + synthetic``: the same step on one fixed batch of the same shape, dtype and device;
 - ``loader alone``: the same loader stream, nothing consuming it.
@@ -35,14 +35,14 @@ SERIES = ("trainer + loader", "trainer + synthetic", "loader alone")
 
 
 def _trainer(model_name: str, num_classes: int, batch_size: int, dev, amp_dtype, mode: str):
-    """The model and the project's TrainStep, built the way :func:`~effnetv2.recipes.trainer.train` does."""
+    """The model and the project's TrainStep, built the way :func:`~effnetv2.recipes.engine.trainer.train` does."""
     import torch
 
     from effnetv2.model import create_model
-    from effnetv2.recipes.ema import EMA
-    from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
-    from effnetv2.recipes.schedule import LRSchedule
-    from effnetv2.recipes.step import TrainStep
+    from effnetv2.recipes.engine.ema import EMA
+    from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
+    from effnetv2.recipes.engine.schedule import LRSchedule
+    from effnetv2.recipes.engine.step import TrainStep
 
     model = create_model(model_name, num_classes).to(dev, memory_format=torch.channels_last)
     optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
@@ -60,9 +60,10 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
     model has none); ``image_size`` replaces the plan's (lo, hi) sizes."""
     import torch
 
-    from effnetv2.pipeline import build_train_loader, read_shard_set
-    from effnetv2.recipes.plan import make_plan
-    from effnetv2.recipes.trainer import resolve_amp, stage_batches
+    from effnetv2.pipeline.format.shards import read_shard_set
+    from effnetv2.pipeline.loaders import build_train_loader
+    from effnetv2.recipes.engine.plan import make_plan
+    from effnetv2.recipes.engine.trainer import resolve_amp, stage_batches
 
     dev = torch.device(device)
     shard_set = read_shard_set(shards)

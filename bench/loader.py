@@ -37,7 +37,7 @@ DECODE_POINT = "decode only"
 
 def plan_points(model: str = "efficientnetv2-s", preset: str = "official") -> list[Point]:
     """One point per stage of the model's progressive plan."""
-    from effnetv2.recipes.plan import make_plan
+    from effnetv2.recipes.engine.plan import make_plan
 
     return [Point(s.image_size, round(s.randaug_magnitude, 2), round(s.mixup_alpha, 3), round(s.cutmix_alpha, 3))
             for s in make_plan(model, preset, epochs=1, batch_size=1)]
@@ -52,7 +52,7 @@ def measure_ours(shards: Path, backend: str, device: str, point: Point, cfg: Pee
     """Time one of our train loaders over as many epochs as it takes; the loader is closed afterwards."""
     import torch
 
-    from effnetv2.pipeline.loader import build_train_loader
+    from effnetv2.pipeline.loaders.loader import build_train_loader
 
     loader = build_train_loader(shards, cfg.batch_size, point.size, point.magnitude, point.mixup, point.cutmix,
                                 num_classes=None, device=device, backend=backend, seed=cfg.seed,
@@ -110,7 +110,7 @@ def _add_result(report: Report, series: str, point: str, result: dict, params: d
 
 def _measure_all_ours(report: Report, shards: Path, points: list[Point], cfg: PeerConfig, wanted,
                       timing_args: dict) -> None:
-    from effnetv2.recipes.doctor import collect, usable_backends
+    from effnetv2.recipes.cli.doctor import collect, usable_backends
 
     usable = usable_backends(collect())
     for (backend, device), (series, key) in OURS.items():
@@ -146,7 +146,7 @@ def run_loader_bench(shards: Path, points: list[Point], cfg: PeerConfig, *, warm
     machine); ``only`` keeps the series whose name contains one of its strings."""
     import torch
 
-    from effnetv2.pipeline.shards import read_shard_set
+    from effnetv2.pipeline.format.shards import read_shard_set
 
     def wanted(series: str) -> bool:
         return not only or any(o in series for o in only)

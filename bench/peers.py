@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from effnetv2.pipeline.shards import read_index, read_shard_set
+from effnetv2.pipeline.format.shards import read_index, read_shard_set
 
 from .timing import measure
 

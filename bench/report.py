@@ -84,7 +84,7 @@ class Report:
 
 def machine(extra: dict | None = None) -> dict:
     """The machine a result belongs to: ``effnetv2 doctor``'s facts, plus e.g. a peer interpreter's."""
-    from effnetv2.recipes.doctor import collect
+    from effnetv2.recipes.cli.doctor import collect
 
     return {**collect(), **(extra or {})}
 

@@ -4,7 +4,7 @@ Inputs are the corpus look-alikes (:mod:`effnetv2.bench.corpus`) written as file
 which the sharder checks and copies byte-for-byte (the common case), and as PNGs of the same pixels,
 which it must decode and re-encode (the conversion case). For each input the same bytes are also
 copied raw into one file (read, write, fsync: what ``cp`` does, the floor any sharder pays), and run
-through the sharder's per-image check alone (:func:`~effnetv2.pipeline.images.check_image`, one process,
+through the sharder's per-image check alone (:func:`~effnetv2.pipeline.sharder.images.check_image`, one process,
 nothing written). If the sharder's imgs/s on JPEGs is close to the raw copy's, sharding is disk-bound;
 if it is far below, compare one worker with the check alone: near it, the check is the cost; far
 below it, the rest of the sharder (tar writing, fsyncs, process pool) is. Per-core figures are in the
@@ -64,7 +64,7 @@ def raw_copy(files: list[Path], dest: Path) -> int:
 
 def check_files(files: list[Path]) -> int:
     """Read each file and run the sharder's per-image check/convert, writing nothing: the CPU floor."""
-    from effnetv2.pipeline.images import check_image
+    from effnetv2.pipeline.sharder.images import check_image
 
     for f in files:
         check_image(f.read_bytes())
@@ -73,7 +73,7 @@ def check_files(files: list[Path]) -> int:
 
 def shard_files(files: list[Path], dest: Path, workers: int, shard_size: int) -> int:
     """Shard ``files`` (labels: index mod 10) with the project's sharder; returns the sample count."""
-    from effnetv2.pipeline.sharding import SourceItem, write_shard_set
+    from effnetv2.pipeline.sharder.writer import SourceItem, write_shard_set
 
     items = [SourceItem(f, (i % 10,), f.name) for i, f in enumerate(files)]
     shard_set = write_shard_set(dest, {"train": items}, [f"c{i}" for i in range(10)], shard_size=shard_size,

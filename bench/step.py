@@ -10,7 +10,7 @@ Two kinds of rows, both on random images of the case's size (no loader involved)
   pair runs in ``--peer-python`` (any interpreter with torch and timm; our package is linked in),
   and ``ours (this env)`` adds our model in the project's own environment for reference. Ours is
   built as it is trained, with symmetric padding; ``--tf-padding`` gives it timm's TF "SAME" padding.
-- ``ours trainer``: the project's real training step (:mod:`effnetv2.recipes.step`: TF RMSprop,
+- ``ours trainer``: the project's real training step (:mod:`effnetv2.recipes.engine.step`: TF RMSprop,
   EMA, label smoothing, L2) in each mode it offers: eager, compiled, and a CUDA graph on a GPU.
 
 Reference (2 cores, fp32, batch 32, 128 px): timm ``tf_efficientnetv2_s`` 17.2 img/s, ``_b0`` 40.8.
@@ -134,10 +134,10 @@ def trainer_step(case: StepCase, device: str, num_classes: int = 1000, seed: int
     import torch
 
     from effnetv2.model import create_model
-    from effnetv2.recipes.ema import EMA
-    from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
-    from effnetv2.recipes.schedule import LRSchedule
-    from effnetv2.recipes.step import TrainStep
+    from effnetv2.recipes.engine.ema import EMA
+    from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
+    from effnetv2.recipes.engine.schedule import LRSchedule
+    from effnetv2.recipes.engine.step import TrainStep
 
     torch.manual_seed(seed)
     model = create_model(case.model, num_classes, tf_padding=case.tf_padding)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnetv2.pipeline.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manifest
 
 
 def pytest_collection_modifyitems(config, items):

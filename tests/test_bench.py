@@ -15,8 +15,8 @@ from effnetv2.bench.corpus import CorpusSpec, make_corpus, synth_jpeg
 from effnetv2.bench.peers import Point, measure_peer, run_elsewhere
 from effnetv2.bench.report import Report, Row, publish
 from effnetv2.bench.timing import measure
-from effnetv2.pipeline.shards import iter_samples, read_shard_set
-from effnetv2.recipes.cli import main as cli_main
+from effnetv2.pipeline.format.shards import iter_samples, read_shard_set
+from effnetv2.recipes.cli.main import main as cli_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,10 +12,10 @@ import torch
 from conftest import jpeg_bytes, random_crops
 from PIL import Image
 
-from effnetv2.pipeline import randaugment_dali as ra
-from effnetv2.pipeline import randaugment_np as rnp
-from effnetv2.pipeline.dali_pipeline import resize_matrices
-from effnetv2.pipeline.jpeg import checked_jpeg_size
+from effnetv2.pipeline.format.jpeg import checked_jpeg_size
+from effnetv2.pipeline.loaders.dali import randaugment as ra
+from effnetv2.pipeline.loaders.dali.backend import resize_matrices
+from effnetv2.pipeline.loaders.opencv import randaugment as rnp
 
 dali = pytest.importorskip("nvidia.dali")
 S = 64
@@ -151,7 +151,7 @@ def test_jpeg_size_reads_headers_and_rejects_broken_files(photos):
 # -- GPU ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_pipeline_delivers_on_the_device_and_agrees_with_the_cpu_one(small_shards):
-    from effnetv2.pipeline import build_eval_loader, build_train_loader
+    from effnetv2.pipeline.loaders import build_eval_loader, build_train_loader
 
     cpu = build_train_loader(small_shards, 16, 96, 9.0, backend="dali", seed=4)
     gpu = build_train_loader(small_shards, 16, 96, 9.0, 0.2, 0.2, backend="dali", seed=4, device="cuda",
@@ -177,7 +177,7 @@ def test_the_gpu_graph_puts_every_image_op_on_the_gpu_with_an_operator_dali_has_
     the GPU (only the per-sample parameters from the host may stay on the CPU)."""
     from nvidia.dali.ops import _registry
 
-    from effnetv2.pipeline.dali_pipeline import DaliConfig, define_pipeline
+    from effnetv2.pipeline.loaders.dali.backend import DaliConfig, define_pipeline
 
     cfg = DaliConfig(64, train, 9.0 if policy == "randaugment" and train else None, 2, device_id=0, policy=policy)
     pipe = define_pipeline(cfg, 4, source=lambda: None)
@@ -198,8 +198,8 @@ def test_the_gpu_graph_puts_every_image_op_on_the_gpu_with_an_operator_dali_has_
 
 @pytest.mark.gpu
 def test_batch_finishing_and_mixing_never_sync_the_host(small_shards):
-    from effnetv2.pipeline import build_train_loader
-    from effnetv2.pipeline.mix import MixConfig, mix_batch
+    from effnetv2.pipeline.loaders import build_train_loader
+    from effnetv2.pipeline.loaders.mix import MixConfig, mix_batch
 
     loader = build_train_loader(small_shards, 16, 64, None, 0.5, 0.5, backend="dali", device="cuda")
     u8 = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8, device="cuda")
@@ -220,9 +220,9 @@ def test_batch_finishing_and_mixing_never_sync_the_host(small_shards):
 def test_a_sample_that_fools_the_header_check_is_found_and_dropped(tmp_path, photos, monkeypatch):
     """If DALI's decoder fails on a batch anyway, the backend finds the culprit, reports it with its
     shard and key, rebuilds the pipeline and continues at the same step (nothing repeated or lost)."""
-    from effnetv2.pipeline import dali_pipeline
-    from effnetv2.pipeline.sampler import CorruptSampleWarning, SampleTable
-    from effnetv2.pipeline.shards import ShardWriter
+    from effnetv2.pipeline.format.shards import ShardWriter
+    from effnetv2.pipeline.loaders.dali import backend as dali_pipeline
+    from effnetv2.pipeline.loaders.sampler import CorruptSampleWarning, SampleTable
 
     with ShardWriter(tmp_path / "train-000000.tar") as w:
         for i, img in enumerate(random_crops(photos, 8, seed=5)):

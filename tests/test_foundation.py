@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from effnetv2.pipeline.shards import ShardWriter, iter_samples, read_index, read_shard_set
+from effnetv2.pipeline.format.shards import ShardWriter, iter_samples, read_index, read_shard_set
 
 
 def test_one_package_no_bare_top_level_modules():
@@ -25,7 +25,7 @@ def test_one_package_no_bare_top_level_modules():
 def test_doctor_tells_the_truth():
     import torch
 
-    out = subprocess.run([sys.executable, "-m", "effnetv2.recipes.cli", "doctor"],
+    out = subprocess.run([sys.executable, "-m", "effnetv2.recipes.cli.main", "doctor"],
                          capture_output=True, text=True, check=True).stdout
     assert torch.__version__ in out
     assert ("dali-gpu        usable" in out) == torch.cuda.is_available()
@@ -37,7 +37,7 @@ def test_doctor_tells_the_truth():
 
 
 def test_cli_lists_commands_and_rejects_unknown():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "effnetv2.recipes.cli", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "effnetv2.recipes.cli.main", *a],  # noqa: E731
                                     capture_output=True, text=True)
     assert all(c in run("--help").stdout for c in ("shard", "plan", "train", "bench", "doctor"))
     bad = run("frobnicate")

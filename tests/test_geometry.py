@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from effnetv2.pipeline.geometry import (
+from effnetv2.pipeline.loaders.geometry import (
     centre_crop_window,
     check_policy,
     eval_crop_ratio,

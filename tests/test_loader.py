@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import jpeg_bytes, make_shard_set, random_crops
 
-from effnetv2.pipeline import build_eval_loader, build_train_loader
-from effnetv2.pipeline.sampler import CorruptSampleWarning
-from effnetv2.pipeline.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.loaders import build_eval_loader, build_train_loader
+from effnetv2.pipeline.loaders.sampler import CorruptSampleWarning
 
 BACKENDS = ["dali", "albumentations"]
 
@@ -314,7 +314,7 @@ def test_corrupt_samples_are_reported_and_skipped_not_fatal(corrupt_shards, back
 
 
 def test_backend_auto_rule_and_bad_names():
-    from effnetv2.pipeline.loader import dali_available, resolve_backend
+    from effnetv2.pipeline.loaders.loader import dali_available, resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "albumentations"  # measured faster on CPUs
     assert resolve_backend("auto", torch.device("cuda", 0)) == ("dali" if dali_available() else "albumentations")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_shard_set, random_crops
 
-from effnetv2.pipeline.mix import MixConfig, cutmix, mix_batch, mixup
-from effnetv2.pipeline.sampler import SampleTable, epoch_order, steps_per_epoch
-from effnetv2.pipeline.shards import ShardWriter, iter_samples, shard_name, write_manifest
+from effnetv2.pipeline.format.shards import ShardWriter, iter_samples, shard_name, write_manifest
+from effnetv2.pipeline.loaders.mix import MixConfig, cutmix, mix_batch, mixup
+from effnetv2.pipeline.loaders.sampler import SampleTable, epoch_order, steps_per_epoch
 
 
 # -- epoch_order -----------------------------------------------------------------------------------

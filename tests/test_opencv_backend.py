@@ -13,13 +13,13 @@ import torch
 from conftest import jpeg_bytes, random_crops
 from PIL import Image
 
-from effnetv2.pipeline import albu
-from effnetv2.pipeline.albu import AlbuBackend
-from effnetv2.pipeline.geometry import centre_crop_window, random_crop_window
-from effnetv2.pipeline.jpeg import jpeg_size
-from effnetv2.pipeline.randaugment_np import RandAugment
-from effnetv2.pipeline.sampler import CorruptSampleWarning, SampleTable, epoch_order
-from effnetv2.pipeline.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.format.jpeg import jpeg_size
+from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.loaders.geometry import centre_crop_window, random_crop_window
+from effnetv2.pipeline.loaders.opencv import backend as albu
+from effnetv2.pipeline.loaders.opencv.backend import AlbuBackend
+from effnetv2.pipeline.loaders.opencv.randaugment import RandAugment
+from effnetv2.pipeline.loaders.sampler import CorruptSampleWarning, SampleTable, epoch_order
 
 S = 64
 

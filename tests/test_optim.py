@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from effnetv2.recipes.ema import EMA
-from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
-from effnetv2.recipes.schedule import LRSchedule, make_schedule
+from effnetv2.recipes.engine.ema import EMA
+from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
+from effnetv2.recipes.engine.schedule import LRSchedule, make_schedule
 
 
 def _reference_rmsprop(p, grads, lrs, wd, rho=0.9, momentum=0.9, eps=1e-3):

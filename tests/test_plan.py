@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from effnetv2.recipes import plan_cli
-from effnetv2.recipes.plan import make_plan, stage_bounds
+from effnetv2.recipes.cli import plan as plan_cli
+from effnetv2.recipes.engine.plan import make_plan, stage_bounds
 
 
 def _column(stages, name):

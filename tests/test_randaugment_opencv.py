@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from effnetv2.pipeline import randaugment_np as ra
+from effnetv2.pipeline.loaders.opencv import randaugment as ra
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ import torch
 from trainer_fixtures import multilabel_shards, one_thread, photo_shards  # noqa: F401 (autouse fixture)
 
 from effnetv2.model import CONFIGS
-from effnetv2.recipes import checkpoint, in1k, in1k_finetune, in21k_pretrain, train_cli, transfer
-from effnetv2.recipes.config import TrainConfig, apply_overrides, format_config, validate
-from effnetv2.recipes.trainer import build_plan, train
+from effnetv2.recipes.catalog import in1k, in1k_finetune, in21k_pretrain, transfer
+from effnetv2.recipes.cli import train as train_cli
+from effnetv2.recipes.engine import checkpoint
+from effnetv2.recipes.engine.config import TrainConfig, apply_overrides, format_config, validate
+from effnetv2.recipes.engine.trainer import build_plan, train
 
 OFFICIAL = {  # facts file §2 and §5
     in1k: dict(batch_size=4096, epochs=350.0, lr_per_256=0.016, lr_schedule="exponential", warmup_epochs=5.0,
@@ -90,7 +92,7 @@ def test_train_cli_dry_run_prints_config_and_plan(capsys):
 
 
 def test_recipe_module_runs_as_a_script():
-    proc = subprocess.run([sys.executable, "-m", "effnetv2.recipes.in21k_pretrain", "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "effnetv2.recipes.catalog.in21k_pretrain", "--dry-run",
                            "--set", "batch_size=1024"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe          = 'in21k-pretrain'" in proc.stdout and "batch_size      = 1024" in proc.stdout

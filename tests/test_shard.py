@@ -17,9 +17,9 @@ from conftest import random_crops
 from PIL import Image
 from test_shard_images import malformed_inputs
 
-from effnetv2.pipeline.sharding import SourceItem, plan_shards, write_shard_set
-from effnetv2.pipeline.shards import index_path, read_shard_set
-from effnetv2.recipes.cli import main as cli
+from effnetv2.pipeline.format.shards import index_path, read_shard_set
+from effnetv2.pipeline.sharder.writer import SourceItem, plan_shards, write_shard_set
+from effnetv2.recipes.cli.main import main as cli
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -201,7 +201,7 @@ def _png(img: np.ndarray) -> bytes:
 RUNNER = """
 import sys
 from pathlib import Path
-from effnetv2.pipeline.sharding import SourceItem, write_shard_set
+from effnetv2.pipeline.sharder.writer import SourceItem, write_shard_set
 
 def items(src):
     return [SourceItem(p, (k % 2,), p.name) for k, p in enumerate(sorted(Path(src).iterdir()))]

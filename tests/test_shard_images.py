@@ -9,8 +9,8 @@ import pytest
 from conftest import random_crops
 from PIL import Image
 
-from effnetv2.pipeline.images import check_image
-from effnetv2.pipeline.jpeg import Frame, read_frame
+from effnetv2.pipeline.format.jpeg import Frame, read_frame
+from effnetv2.pipeline.sharder.images import check_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

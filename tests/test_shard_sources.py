@@ -14,10 +14,10 @@ import scipy.io
 from conftest import jpeg_bytes, random_crops
 from test_shard import read_dali, read_wds
 
-from effnetv2.pipeline.sharding import SourceItem
-from effnetv2.pipeline.shards import read_shard_set
-from effnetv2.pipeline.sources import content_hashes
-from effnetv2.recipes.cli import main as cli
+from effnetv2.pipeline.format.shards import read_shard_set
+from effnetv2.pipeline.sharder.sources import content_hashes
+from effnetv2.pipeline.sharder.writer import SourceItem
+from effnetv2.recipes.cli.main import main as cli
 
 WNIDS = ["n00000001", "n00000002", "n00000003"]
 # the devkit's ILSVRC2012_IDs are not in wnid order: id 1 is the third wnid, and so on

@@ -10,10 +10,11 @@ import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
 from effnetv2.model import create_model
-from effnetv2.pipeline.shards import read_shard_set
-from effnetv2.recipes import checkpoint, distributed, train_cli
-from effnetv2.recipes.optim import RMSpropTF
-from effnetv2.recipes.trainer import NonFiniteLoss, evaluate, train
+from effnetv2.pipeline.format.shards import read_shard_set
+from effnetv2.recipes.cli import train as train_cli
+from effnetv2.recipes.engine import checkpoint, distributed
+from effnetv2.recipes.engine.optim import RMSpropTF
+from effnetv2.recipes.engine.trainer import NonFiniteLoss, evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,10 @@ def shards(tmp_path_factory, photos):
 
 @pytest.mark.slow
 def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
+    # half the official LR per 256 images: at batch 16 the official one swings the 2-class loss above
+    # chance and, depending on the photos' JPEG bytes (Pillow's encoder version), collapses stage 2
     cfg = tiny_config(shards, tmp_path / "run", epochs=6.0, batch_size=16, image_size=(48, 64), eval_size=64,
-                      log_every=8)
+                      log_every=8, lr_per_256=0.008)
     before = _eval_loss_at_init(cfg, shards)
     result = train(cfg)
     assert result.finished and result.step == result.total_steps == 48  # 6 epochs of 128 // 16

@@ -22,15 +22,15 @@ import pytest
 import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
-from effnetv2.recipes import checkpoint
-from effnetv2.recipes.trainer import train
+from effnetv2.recipes.engine import checkpoint
+from effnetv2.recipes.engine.trainer import train
 
 _WORKER = textwrap.dedent("""
     import json, sys
     sys.path[:0] = sys.argv[1:2]
     from trainer_fixtures import tiny_config
-    from effnetv2.recipes import distributed
-    from effnetv2.recipes.trainer import train
+    from effnetv2.recipes.engine import distributed
+    from effnetv2.recipes.engine.trainer import train
 
     result = train(tiny_config(sys.argv[2], sys.argv[3], **json.loads(sys.argv[4])))
     print("RESULT", json.dumps({"step": result.step, "stages": result.stages}))

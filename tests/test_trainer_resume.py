@@ -13,8 +13,8 @@ import pytest
 import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
-from effnetv2.recipes import checkpoint
-from effnetv2.recipes.trainer import train
+from effnetv2.recipes.engine import checkpoint
+from effnetv2.recipes.engine.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = sys.argv[1:2]
     from trainer_fixtures import tiny_config
-    from effnetv2.recipes import checkpoint, trainer
+    from effnetv2.recipes.engine import checkpoint, trainer
 
     real_save = checkpoint.save
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from effnetv2.model import create_model
-from effnetv2.recipes.ema import EMA
-from effnetv2.recipes.optim import RMSpropTF, weight_decay_groups
-from effnetv2.recipes.schedule import LRSchedule
-from effnetv2.recipes.step import TrainStep, soft_target_loss
+from effnetv2.recipes.engine.ema import EMA
+from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
+from effnetv2.recipes.engine.schedule import LRSchedule
+from effnetv2.recipes.engine.step import TrainStep, soft_target_loss
 
 
 def test_soft_target_loss_matches_definitions():

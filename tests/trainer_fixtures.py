@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import jpeg_bytes, make_shard_set, random_crops
 
-from effnetv2.pipeline.shards import ShardWriter, shard_name, write_manifest
-from effnetv2.recipes.config import TrainConfig
+from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.recipes.engine.config import TrainConfig
 
 # photos that differ most at 32 px (hubble deep field, flower, coffee, chelsea the cat, ...): a from-scratch
 # network separates the first two within a few dozen steps
