@@ -16,10 +16,11 @@ from pathlib import Path
 from .report import DEFAULT_OUT, publish
 
 BENCHES = {
-    "loader": "train loaders (ours: DALI GPU/CPU, albumentations) beside torchvision/albumentations/decode",
+    "loader": "train loaders (ours: DALI GPU/CPU, OpenCV) beside torchvision/albumentations/decode",
     "step": "training-step imgs/s per model on synthetic data (eager/compiled/CUDA graph, fp32/bf16), vs timm",
     "e2e": "the trainer fed by the real loader vs synthetic data, per stage; stage-switch time",
     "shard": "sharding imgs/s with and without conversion, vs a raw copy of the same bytes",
+    "memory": "training-step memory: the memory model's prediction vs the bytes a real step allocates",
 }
 
 
