@@ -25,7 +25,7 @@ BENCHES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{corpus,loader,step,e2e,shard}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{corpus," + ",".join(BENCHES) + "}")
     corpus = sub.add_parser("corpus", help="write a reproducible ImageNet-like JPEG shard set")
     corpus.add_argument("out", type=Path, help="new folder for the shard set")
     corpus.add_argument("--n", type=int, default=2000, help="training images (default 2000)")

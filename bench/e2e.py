@@ -3,10 +3,9 @@
 Per stage of the model's progressive plan, three series, in this order (not interleaved: while one
 series runs, the real loader's workers would otherwise fill their prefetch queue for free):
 
-- ``trainer + loader``: the project's :class:`~effnetv2.recipes.engine.step.TrainStep` on batches from
-  :func:`~effnetv2.pipeline.build_train_loader`, read through the trainer's own
-  :func:`~effnetv2.recipes.engine.trainer.stage_batches`, exactly as :func:`~effnetv2.recipes.engine.trainer.train`
-  builds and drives them (minus logging, checkpoints and evaluation, which sit outside the steps);
+- ``trainer + loader``: the trainer's own parts (:func:`~effnetv2.recipes.engine.trainer.build_run`,
+  ``open_stage``, ``stage_batches``, ``close_stage``) for the official ``in1k`` recipe of the model,
+  minus logging, checkpoints and evaluation, which sit outside the steps;
 - ``trainer + synthetic``: the same step on one fixed batch of the same shape, dtype and device;
 - ``loader alone``: the same loader stream, nothing consuming it.
 
@@ -28,28 +27,27 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from effnetv2.pipeline.loaders.backend import ALIASES, BACKENDS
+from effnetv2.recipes.engine.step import AMP
+
 from .report import Report, Row
 from .timing import measure
 
 SERIES = ("trainer + loader", "trainer + synthetic", "loader alone")
 
 
-def _trainer(model_name: str, num_classes: int, batch_size: int, dev, amp_dtype, mode: str):
-    """The model and the project's TrainStep, built the way :func:`~effnetv2.recipes.engine.trainer.train` does."""
-    import torch
+def bench_config(shards: Path, model_name: str, *, batch_size: int, device: str, backend: str, amp: str,
+                 mode: str, workers: int | None, seed: int):
+    """The official ImageNet recipe (``in1k``) for ``model_name`` on ``shards``, with the benchmark's
+    batch, device, backend, precision and step mode: the trainer is then built as any run builds it."""
+    import dataclasses
 
-    from effnetv2.model import create_model
-    from effnetv2.recipes.engine.ema import EMA
-    from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
-    from effnetv2.recipes.engine.schedule import LRSchedule
-    from effnetv2.recipes.engine.step import TrainStep
+    from effnetv2.recipes.catalog import in1k
 
-    model = create_model(model_name, num_classes).to(dev, memory_format=torch.channels_last)
-    optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
-    schedule = LRSchedule("constant", 0.016 * batch_size / 256, total_steps=1 << 30)
-    step_fn = TrainStep(model, model, optimizer, EMA(model, 0.9999), schedule, label_smoothing=0.1,
-                        amp_dtype=amp_dtype, cuda_graph=mode.endswith("graph"), compile=mode.startswith("compiled"))
-    return model, step_fn
+    return dataclasses.replace(in1k.config(model_name), data=str(shards), batch_size=batch_size, device=device,
+                               backend=backend, amp=amp, cuda_graphs=mode.endswith("graph"),
+                               compile=mode.startswith("compiled"), num_workers=workers, seed=seed, epochs=1.0,
+                               eval_split="", progress=False, tensorboard=False)
 
 
 def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str, backend: str = "auto",
@@ -60,67 +58,59 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
     model has none); ``image_size`` replaces the plan's (lo, hi) sizes."""
     import torch
 
-    from effnetv2.pipeline.format.shards import read_shard_set
-    from effnetv2.pipeline.loaders import build_train_loader
     from effnetv2.recipes.engine.plan import make_plan
-    from effnetv2.recipes.engine.trainer import resolve_amp, stage_batches
+    from effnetv2.recipes.engine.trainer import build_run, close_stage, open_stage, stage_batches
 
-    dev = torch.device(device)
-    shard_set = read_shard_set(shards)
-    amp_dtype = resolve_amp(amp, dev)
     stages = make_plan(plan_of or model_name, "official", epochs=1, batch_size=batch_size, num_stages=num_stages,
                        size=image_size)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(seed)
-    model, step_fn = _trainer(model_name, shard_set.num_classes, batch_size, dev, amp_dtype, mode)
+    cfg = bench_config(shards, model_name, batch_size=batch_size, device=device, backend=backend, amp=amp,
+                       mode=mode, workers=workers, seed=seed)
+    run = build_run(cfg, stages)
+    step_fn = run.step_fn
     report = Report("e2e", f"{model_name} trainer imgs/s per stage, batch {batch_size}, {device}, "
-                           f"amp {amp_dtype}, {mode}")
+                           f"amp {step_fn.amp_dtype}, {mode}")
     report.config = {"shards": str(shards), "model": model_name, "plan_of": plan_of or model_name,
-                     "batch_size": batch_size, "device": device, "backend": backend, "amp": str(amp_dtype),
+                     "batch_size": batch_size, "device": device, "backend": backend, "amp": str(step_fn.amp_dtype),
                      "mode": mode, "cuda_graph": step_fn.cuda_graph, "warmup_steps": warmup, "reps": reps,
                      "steps_per_rep": per_rep, "workers": workers, "stages": [asdict(s) for s in stages]}
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if run.info.device.type == "cuda" else (lambda: None)
     drain = 2 * (workers or len(os.sched_getaffinity(0))) + 4
     switches, loader, position = [], None, 0
-    for stage in stages:
-        # -- the stage switch, timed as the trainer meets it
-        t0 = time.perf_counter()
-        if loader is not None:
-            loader.close()
-            step_fn.release()
-        t_closed = time.perf_counter()
-        loader = build_train_loader(shard_set, batch_size, stage.image_size, stage.randaug_magnitude,
-                                    stage.mixup_alpha, stage.cutmix_alpha, device=device, backend=backend,
-                                    seed=seed, num_workers=workers)
-        model.set_dropout(stage.dropout)
-        t_built = time.perf_counter()
-        batches = stage_batches(loader, position, 1 << 62, len(loader))
-        images, targets = next(batches)
-        sync()
-        t_first = time.perf_counter()
-        fixed = (images.clone(), targets.clone())  # the synthetic batch: same shape, dtype, layout, device
-        for _ in range(step_fn.warmup_steps + 1 if step_fn.cuda_graph else 1):  # + capture, or compile
-            step_fn(*fixed)
-        sync()
-        t_ready = time.perf_counter()
-        switches.append({"stage": stage.index, "image_size": stage.image_size, "backend": loader.backend_name,
-                         "close_previous_s": t_closed - t0, "build_loader_s": t_built - t_closed,
-                         "first_batch_s": t_first - t_built, "step_warmup_s": t_ready - t_first,
-                         "total_s": t_ready - t0})
-        # -- the three series
-        point = f"{stage.image_size}px m{stage.randaug_magnitude:.3g}"
-        timings = _measure_series(step_fn, batches, fixed, batch_size, sync, drain, warmup=warmup, reps=reps,
-                                  per_rep=per_rep)
-        for series, timing in timings.items():
-            report.add(Row(series, point, timing, note=f"backend {loader.backend_name}", params=asdict(stage)))
-        report.add_ratio("loader cost: real / synthetic", point, SERIES[0], SERIES[1])
-        report.add_ratio("loader headroom: loader alone / synthetic", point, SERIES[2], SERIES[1])
-        batches.close()
-        position += 1 + 2 * (drain + warmup + reps * per_rep)  # the next stage reads on from here
-    if loader is not None:
-        loader.close()
-        step_fn.release()
+    try:
+        for stage in stages:
+            # -- the stage switch, timed as the trainer meets it
+            t0 = time.perf_counter()
+            if loader is not None:
+                close_stage(run, loader)
+                loader = None
+            t_closed = time.perf_counter()
+            loader = open_stage(run, stage)
+            t_built = time.perf_counter()
+            batches = stage_batches(loader, position, 1 << 62, len(loader))
+            images, targets = next(batches)
+            sync()
+            t_first = time.perf_counter()
+            fixed = (images.clone(), targets.clone())  # the synthetic batch: same shape, dtype, layout, device
+            for _ in range(step_fn.warmup_steps + 1 if step_fn.cuda_graph else 1):  # + capture, or compile
+                step_fn(*fixed)
+            sync()
+            t_ready = time.perf_counter()
+            switches.append({"stage": stage.index, "image_size": stage.image_size, "backend": loader.backend_name,
+                             "close_previous_s": t_closed - t0, "build_loader_s": t_built - t_closed,
+                             "first_batch_s": t_first - t_built, "step_warmup_s": t_ready - t_first,
+                             "total_s": t_ready - t0})
+            # -- the three series
+            point = f"{stage.image_size}px m{stage.randaug_magnitude:.3g}"
+            timings = _measure_series(step_fn, batches, fixed, batch_size, sync, drain, warmup=warmup, reps=reps,
+                                      per_rep=per_rep)
+            for series, timing in timings.items():
+                report.add(Row(series, point, timing, note=f"backend {loader.backend_name}", params=asdict(stage)))
+            report.add_ratio("loader cost: real / synthetic", point, SERIES[0], SERIES[1])
+            report.add_ratio("loader headroom: loader alone / synthetic", point, SERIES[2], SERIES[1])
+            batches.close()
+            position += 1 + 2 * (drain + warmup + reps * per_rep)  # the next stage reads on from here
+    finally:
+        close_stage(run, loader)
     report.extra["stage_switch"] = switches
     report.notes += [f"stage {s['stage']} ({s['image_size']}px, {s['backend']}): switch {s['total_s']:.2f} s = close "
                      f"{s['close_previous_s']:.2f} + build loader {s['build_loader_s']:.2f} + first batch "
@@ -165,8 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-of", default=None, help="follow this model's official plan (default: --model's)")
     p.add_argument("--sizes", default=None, help="LO,HI image sizes of the plan (default: the model's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto", choices=("auto", "dali", "albumentations"))
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS + tuple(ALIASES))
+    p.add_argument("--amp", default="auto", choices=tuple(AMP))
     p.add_argument("--mode", default=None, choices=("eager", "compiled", "graph", "compiled-graph"),
                    help="trainer step mode (default: graph on a GPU, eager on a CPU, where graphs do not exist)")
     p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: all cores)")

@@ -2,7 +2,7 @@
 
 Series (each at every point, i.e. stage size + RandAugment magnitude + mixup/cutmix alpha):
 
-- ``ours dali-gpu`` / ``ours dali-cpu`` / ``ours albumentations``: :func:`build_train_loader` with the
+- ``ours dali-gpu`` / ``ours dali-cpu`` / ``ours opencv``: :func:`build_train_loader` with the
   full official RandAugment (2 of 16 ops) at the point's magnitude and mixup/cutmix at its alpha,
   batches delivered normalised, channels_last, on the device.
 - ``peer torchvision`` / ``peer albumentations``: see :mod:`effnetv2.bench.peers`; the torchvision peer
@@ -31,7 +31,7 @@ from .timing import Timing, measure
 REFERENCE_POINTS = (Point(128, 9), Point(224, 9), Point(300, 9))
 # (backend, device) -> series name, and the ``usable_backends`` key of ``effnetv2 doctor`` that says if it runs
 OURS = {("dali", "cuda"): ("ours dali-gpu", "dali-gpu"), ("dali", "cpu"): ("ours dali-cpu", "dali-cpu"),
-        ("albumentations", "cpu"): ("ours albumentations", "albumentations")}
+        ("opencv", "cpu"): ("ours opencv", "opencv")}
 DECODE_POINT = "decode only"
 
 

@@ -98,7 +98,7 @@ class _ShardSamples:
 
     def __init__(self, files, transform: Callable[[bytes], object]):
         self.files = [str(f) for f in files]
-        self.entries = [(i, *e["jpg"], *e["cls"]) for i, f in enumerate(self.files) for e in read_index(f)]
+        self.entries = [(i, *e["jpg"], *e["cls"]) for i, f in enumerate(self.files) for e in read_index(f).samples()]
         self.transform = transform
         self._fds: dict[int, int] = {}
 

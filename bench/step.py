@@ -10,8 +10,9 @@ Two kinds of rows, both on random images of the case's size (no loader involved)
   pair runs in ``--peer-python`` (any interpreter with torch and timm; our package is linked in),
   and ``ours (this env)`` adds our model in the project's own environment for reference. Ours is
   built as it is trained, with symmetric padding; ``--tf-padding`` gives it timm's TF "SAME" padding.
-- ``ours trainer``: the project's real training step (:mod:`effnetv2.recipes.engine.step`: TF RMSprop,
-  EMA, label smoothing, L2) in each mode it offers: eager, compiled, and a CUDA graph on a GPU.
+- ``ours trainer``: the project's real training step, built by the trainer's parts for the official
+  ``in1k`` recipe (TF RMSprop, EMA, label smoothing, L2), in each mode it offers: eager, compiled, and
+  a CUDA graph on a GPU.
 
 Reference (2 cores, fp32, batch 32, 128 px): timm ``tf_efficientnetv2_s`` 17.2 img/s, ``_b0`` 40.8.
 Goal: ours/timm >= 1.0 on CPU and GPU.
@@ -130,23 +131,22 @@ def compare(cases: list[StepCase], impls: list[str], *, device: str, warmup: int
 
 
 def trainer_step(case: StepCase, device: str, num_classes: int = 1000, seed: int = 0) -> Callable[[], int]:
-    """A callable doing one step of the project's real :class:`TrainStep` (TF RMSprop, EMA, smoothing)."""
+    """A callable doing one step of the project's real training step, built by the trainer's own parts
+    for the official ``in1k`` recipe (TF RMSprop, EMA, label smoothing, L2) with the case's settings."""
+    import dataclasses
+
     import torch
 
-    from effnetv2.model import create_model
-    from effnetv2.recipes.engine.ema import EMA
-    from effnetv2.recipes.engine.optim import RMSpropTF, weight_decay_groups
-    from effnetv2.recipes.engine.schedule import LRSchedule
-    from effnetv2.recipes.engine.step import TrainStep
+    from effnetv2.recipes.catalog import in1k
+    from effnetv2.recipes.engine.distributed import DistInfo
+    from effnetv2.recipes.engine.trainer import build_model, build_schedule, build_step
 
-    torch.manual_seed(seed)
-    model = create_model(case.model, num_classes, tf_padding=case.tf_padding)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = RMSpropTF(weight_decay_groups(model, 1e-5))
-    schedule = LRSchedule("constant", 0.016 * case.batch_size / 256, total_steps=1 << 30)
-    step = TrainStep(model, model, optimizer, EMA(model, 0.9999), schedule, label_smoothing=0.1,
-                     amp_dtype=torch.bfloat16 if case.dtype == "bf16" else None,
-                     cuda_graph=case.mode.endswith("graph"), compile=case.mode.startswith("compiled"))
+    cfg = dataclasses.replace(in1k.config(case.model), seed=seed, batch_size=case.batch_size,
+                              tf_padding=case.tf_padding, amp="bf16" if case.dtype == "bf16" else "none",
+                              cuda_graphs=case.mode.endswith("graph"), compile=case.mode.startswith("compiled"))
+    dev = torch.device(device)
+    model = build_model(cfg, num_classes, dev)
+    _, _, step = build_step(cfg, model, DistInfo(0, 1, 0, dev), build_schedule(cfg, 1000, 1 << 30))
     images = torch.randn(case.batch_size, 3, case.size, case.size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.nn.functional.one_hot(torch.randint(0, num_classes, (case.batch_size,), device=device),

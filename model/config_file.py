@@ -21,6 +21,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from effnetv2.pipeline.format import atomic
+
 from .config import CONFIGS, ModelConfig, StageSpec
 
 FORMAT = "effnetv2-model-config/1"
@@ -91,14 +93,7 @@ def save_config(cfg: ModelConfig, path: str | os.PathLike, info: dict[str, Any] 
     """Write ``cfg`` as JSON atomically (temp name, fsync, rename): a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(cfg, info), f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, config_to_dict(cfg, info))
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

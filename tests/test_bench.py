@@ -126,7 +126,7 @@ def test_loader_bench(corpus, tmp_path):
     report = run_loader_bench(corpus, [Point(48, 9, 0.2, 0.2)], PeerConfig(batch_size=4, workers=1, num_classes=10),
                               warmup=1, reps=1, per_rep=1)
     data = _check_outputs(publish(report, tmp_path, quiet=True), "loader")
-    for series in ("ours dali-cpu", "ours albumentations", "peer albumentations", "ceiling dali-crop-decode",
+    for series in ("ours dali-cpu", "ours opencv", "peer albumentations", "ceiling dali-crop-decode",
                    "ceiling pil-decode", "ceiling dali-decode"):
         assert [r["status"] for r in _rows(data, series)] == ["ok"], series
     (gpu,) = _rows(data, "ours dali-gpu")

@@ -177,9 +177,11 @@ def test_the_gpu_graph_puts_every_image_op_on_the_gpu_with_an_operator_dali_has_
     the GPU (only the per-sample parameters from the host may stay on the CPU)."""
     from nvidia.dali.ops import _registry
 
+    from effnetv2.pipeline.loaders.backend import AugmentSpec
     from effnetv2.pipeline.loaders.dali.backend import DaliConfig, define_pipeline
 
-    cfg = DaliConfig(64, train, 9.0 if policy == "randaugment" and train else None, 2, device_id=0, policy=policy)
+    spec = AugmentSpec(64, train, policy, 9.0 if policy == "randaugment" and train else None, 2)
+    cfg = DaliConfig(spec, device_id=0)
     pipe = define_pipeline(cfg, 4, source=lambda: None)
     pipe._build_graph()
     registry = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()), "mixed": set(_registry.mixed_ops())}
@@ -231,7 +233,9 @@ def test_a_sample_that_fools_the_header_check_is_found_and_dropped(tmp_path, pho
     check = dali_pipeline.checked_jpeg_size
     monkeypatch.setattr(dali_pipeline, "checked_jpeg_size", lambda data: check(bytes(data) + b"\xff\xd9"))
     table = SampleTable.from_shards([tmp_path / "train-000000.tar"], num_classes=8)
-    backend = dali_pipeline.DaliBackend(table, 32, None, 2, 1, 0, False)
+    from effnetv2.pipeline.loaders.backend import AugmentSpec
+
+    backend = dali_pipeline.DaliBackend(table, AugmentSpec(32, False))
     with pytest.warns(CorruptSampleWarning, match=r"train-000000.tar sample 'k6'.*rejects"):
         got = [labels for _, labels in backend.batches(np.arange(8), 2, 0)]
     assert got == [[(0,), (1,)], [(2,), (3,)], [(4,), (5,)], [(), (7,)]]

@@ -56,7 +56,7 @@ def test_shard_writer_roundtrip_and_index(tmp_path, photos):
         names = tf.getnames()
         assert all(m.type == tarfile.REGTYPE for m in tf.getmembers())
     assert names[:4] == ["k0.jpg", "k0.cls", "k1.jpg", "k1.cls"]
-    index = read_index(p)
+    index = read_index(p).samples()
     raw = p.read_bytes()
     for i, entry in enumerate(index):
         off, size = entry["jpg"]

@@ -1,4 +1,4 @@
-"""The loader API on both backends (DALI CPU and OpenCV/albumentations), on real photos."""
+"""The loader API on both backends (DALI CPU and OpenCV), on real photos."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manif
 from effnetv2.pipeline.loaders import build_eval_loader, build_train_loader
 from effnetv2.pipeline.loaders.sampler import CorruptSampleWarning
 
-BACKENDS = ["dali", "albumentations"]
+BACKENDS = ["dali", "opencv"]
 
 
 def _pixels(images: torch.Tensor) -> np.ndarray:
@@ -187,7 +187,7 @@ def test_eval_centre_crop_and_whole_image_geometry(tmp_path, photos, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_finetune_augment_is_whole_image_flip_and_a_noise_cutout(id_shards, backend):
-    """Facts §4: every image is the whole photo resized to S (maybe flipped) except one box of at most
+    """The official fine-tune augmentation: every image is the whole photo resized to S (maybe flipped) except one box of at most
     S/2 x S/2 (half-size S/4, clipped at the border) of uniform noise."""
     size, half = 96, 96 // 4  # the photos are 96-160 px: no reduced (DCT-scaled) decode at 96
     loader = build_train_loader(id_shards, 20, size, None, backend=backend, seed=5, augment="finetune",
@@ -275,7 +275,7 @@ def test_backends_match_statistically(small_shards):
             px = np.concatenate(px)
             stats[backend, magnitude] = (px.mean((0, 1, 2)), px.std((0, 1, 2)), (px == 128).all(-1).mean((1, 2)))
     for magnitude, tol in ((None, 6.0), (15.0, 10.0)):
-        (m1, s1, f1), (m2, s2, f2) = stats["dali", magnitude], stats["albumentations", magnitude]
+        (m1, s1, f1), (m2, s2, f2) = stats["dali", magnitude], stats["opencv", magnitude]
         assert np.abs(m1 - m2).max() < tol and np.abs(s1 - s2).max() < tol, (magnitude, m1, m2, s1, s2)
         standard_error = np.sqrt(f1.var() / len(f1) + f2.var() / len(f2))
         assert abs(f1.mean() - f2.mean()) <= 4 * standard_error + 1e-3, (magnitude, f1.mean(), f2.mean())
@@ -314,10 +314,11 @@ def test_corrupt_samples_are_reported_and_skipped_not_fatal(corrupt_shards, back
 
 
 def test_backend_auto_rule_and_bad_names():
-    from effnetv2.pipeline.loaders.loader import dali_available, resolve_backend
+    from effnetv2.pipeline.loaders.backend import dali_available, resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu")) == "albumentations"  # measured faster on CPUs
-    assert resolve_backend("auto", torch.device("cuda", 0)) == ("dali" if dali_available() else "albumentations")
+    assert resolve_backend("auto", torch.device("cpu")) == "opencv"  # measured faster on CPUs
+    assert resolve_backend("auto", torch.device("cuda", 0)) == ("dali" if dali_available() else "opencv")
     assert resolve_backend("dali", torch.device("cpu")) == "dali"
+    assert resolve_backend("albumentations", torch.device("cpu")) == "opencv"  # the old name still works
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("pil", torch.device("cpu"))

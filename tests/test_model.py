@@ -24,7 +24,7 @@ from effnetv2.model.blocks import SameConv2d, SqueezeExcite, StochasticDepth, sa
 from effnetv2.model.make_timm_manifest import MANIFEST
 from effnetv2.model.weights import from_timm
 
-OFFICIAL = {  # facts file §1: trainable parameters at 1000 classes, number of blocks
+OFFICIAL = {  # the official release (= timm tf_efficientnetv2_*): trainable parameters at 1000 classes, number of blocks
     "efficientnetv2-b0": (7_139_704, 21),
     "efficientnetv2-b1": (8_141_052, 27),
     "efficientnetv2-b2": (10_096_086, 28),
@@ -34,7 +34,7 @@ OFFICIAL = {  # facts file §1: trainable parameters at 1000 classes, number of 
     "efficientnetv2-l": (118_515_272, 79),
     "efficientnetv2-xl": (208_119_808, 100),
 }
-SIZES = {  # facts file §1: train size, eval size, dropout
+SIZES = {  # the official release: train size, eval size, dropout
     "efficientnetv2-b0": (192, 224, 0.2), "efficientnetv2-b1": (192, 240, 0.2),
     "efficientnetv2-b2": (208, 260, 0.3), "efficientnetv2-b3": (240, 300, 0.3),
     "efficientnetv2-s": (300, 384, 0.2), "efficientnetv2-m": (384, 480, 0.3),

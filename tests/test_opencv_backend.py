@@ -1,4 +1,4 @@
-"""The OpenCV/DataLoader ("albumentations") backend on real photo shards."""
+"""The OpenCV backend (DataLoader workers, OpenCV/numpy ops) on real photo shards."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from PIL import Image
 
 from effnetv2.pipeline.format.jpeg import jpeg_size
 from effnetv2.pipeline.format.shards import ShardWriter, shard_name, write_manifest
+from effnetv2.pipeline.loaders.backend import AugmentSpec
 from effnetv2.pipeline.loaders.geometry import centre_crop_window, random_crop_window
 from effnetv2.pipeline.loaders.opencv import backend as albu
-from effnetv2.pipeline.loaders.opencv.backend import AlbuBackend
+from effnetv2.pipeline.loaders.opencv.backend import OpenCVBackend
 from effnetv2.pipeline.loaders.opencv.randaugment import RandAugment
 from effnetv2.pipeline.loaders.sampler import CorruptSampleWarning, SampleTable, epoch_order
 
@@ -29,7 +30,15 @@ def train_table(small_shards) -> SampleTable:
     return SampleTable.from_shards(small_shards, "train")
 
 
-def _collect(backend: AlbuBackend, order, batch_size=16, epoch=0, start_step=0):
+def AlbuBackend(table, size, randaug_magnitude=None, randaug_layers=2, *, num_workers=0, seed=0, train=True,  # noqa: N802
+                crop_ratio=None, **options) -> OpenCVBackend:
+    """The backend from the spec's fields (the tests' shorthand)."""
+    spec = AugmentSpec(size, train, randaug_magnitude=randaug_magnitude, randaug_layers=randaug_layers,
+                       crop_ratio=crop_ratio, seed=seed)
+    return OpenCVBackend(table, spec, num_workers=num_workers, **options)
+
+
+def _collect(backend: OpenCVBackend, order, batch_size=16, epoch=0, start_step=0):
     return [(x.clone(), y) for x, y in backend.batches(order, batch_size, epoch, start_step)]
 
 

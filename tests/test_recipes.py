@@ -16,7 +16,7 @@ from effnetv2.recipes.engine import checkpoint
 from effnetv2.recipes.engine.config import TrainConfig, apply_overrides, format_config, validate
 from effnetv2.recipes.engine.trainer import build_plan, train
 
-OFFICIAL = {  # facts file §2 and §5
+OFFICIAL = {  # paper §5 and the official release's hparams
     in1k: dict(batch_size=4096, epochs=350.0, lr_per_256=0.016, lr_schedule="exponential", warmup_epochs=5.0,
                decay_epochs=2.4, decay_rate=0.97, weight_decay=1e-5, label_smoothing=0.1, ema_decay=0.9999,
                rmsprop_decay=0.9, momentum=0.9, eps=1e-3, bn_eps=1e-3, plan="official", num_stages=4),

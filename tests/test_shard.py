@@ -17,7 +17,8 @@ from conftest import random_crops
 from PIL import Image
 from test_shard_images import malformed_inputs
 
-from effnetv2.pipeline.format.shards import index_path, read_shard_set
+from effnetv2.pipeline.format.index import index_path
+from effnetv2.pipeline.format.shards import read_shard_set
 from effnetv2.pipeline.sharder.writer import SourceItem, plan_shards, write_shard_set
 from effnetv2.recipes.cli.main import main as cli
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse fixture)
 
-from effnetv2.model import create_model
 from effnetv2.pipeline.format.shards import read_shard_set
 from effnetv2.recipes.cli import train as train_cli
 from effnetv2.recipes.engine import checkpoint, distributed
+from effnetv2.recipes.engine.evaluate import eval_loader, evaluate
 from effnetv2.recipes.engine.optim import RMSpropTF
-from effnetv2.recipes.engine.trainer import NonFiniteLoss, evaluate, train
+from effnetv2.recipes.engine.trainer import NonFiniteLoss, build_model, train
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,11 @@ def test_short_run_loss_falls_and_reports_each_stage(shards, tmp_path):
 
 
 def _eval_loss_at_init(cfg, shards) -> float:
-    """The eval loss of the weights the run starts from (the trainer seeds, then builds the model)."""
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, 2, drop_path_rate=cfg.drop_path_rate).eval()
+    """The eval loss of the weights the run starts from (built by the trainer's own part)."""
     info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
-    return evaluate(model.to(memory_format=torch.channels_last), read_shard_set(shards), cfg, info, None, 2)[
-        "eval_loss"]
+    model = build_model(cfg, 2, info.device)
+    loader = eval_loader(cfg, read_shard_set(shards), info, 2, cfg.eval_size)
+    return evaluate(model, loader, amp_dtype=None, multilabel=False)["eval_loss"]
 
 
 def test_nan_loss_stops_naming_the_step_without_a_bad_checkpoint(shards, tmp_path, monkeypatch):

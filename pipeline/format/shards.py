@@ -18,39 +18,27 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import atomic
+from .index import TAR_BLOCK, index_path, read_index, write_index
+
 MANIFEST = "_info.json"
-INDEX_VERSION = "v1.2"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
-_TAR_BLOCK = 512
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def index_path(tar_path: str | Path) -> Path:
-    """The DALI index file that belongs to a shard: same name, ``.idx`` instead of ``.tar``."""
-    tar_path = Path(tar_path)
-    return tar_path.with_suffix(".idx")
-
-
 def check_key(key: str) -> None:
     """Keys must be ASCII without dots: DALI splits a member name at its FIRST dot."""
     if not _KEY_RE.match(key) or key.startswith(("_", "/")) or ".." in key:
         raise ValueError(f"invalid sample key {key!r}: use ASCII letters, digits, '_' and '-' only, no dots")
-
-
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class ShardWriter:
@@ -63,7 +51,7 @@ class ShardWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._tmp = atomic.partial_path(self.path)
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._index: list[str] = []
@@ -88,20 +76,16 @@ class ShardWriter:
             info.mtime = 0  # reproducible shards: same input, same bytes
             header_offset = self._tar.offset
             self._tar.addfile(info, io.BytesIO(data))
-            parts.append(f"{ext} {header_offset + _TAR_BLOCK} {len(data)} {name}")
-            self.num_bytes += _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+            parts.append(f"{ext} {header_offset + TAR_BLOCK} {len(data)} {name}")
+            self.num_bytes += TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
         self._index.append(" ".join(parts))
 
     def close(self) -> Path:
         """Finish the tar, write the index, and move both to their real names."""
         self._tar.close()
         self._file.close()
-        idx_tmp = self._tmp.with_name(f".{index_path(self.path).name}.partial")
-        with open(idx_tmp, "w", encoding="ascii") as f:
-            f.write(f"{INDEX_VERSION} {len(self._index)}\n")
-            f.write("".join(line + "\n" for line in self._index))
-        _fsync_rename(idx_tmp, index_path(self.path))
-        _fsync_rename(self._tmp, self.path)
+        write_index(index_path(self.path), self._index)
+        atomic.commit_partial(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -155,13 +139,7 @@ class ShardSet:
 
 def write_manifest(root: str | Path, info: dict) -> Path:
     """Write ``_info.json`` atomically. ``info`` must hold ``splits`` in timm's layout."""
-    root = Path(root)
-    tmp = root / f".{MANIFEST}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-        f.write("\n")
-    _fsync_rename(tmp, root / MANIFEST)
-    return root / MANIFEST
+    return atomic.write_json(Path(root) / MANIFEST, info, sort_keys=True)
 
 
 def read_shard_set(root: str | Path) -> ShardSet:
@@ -187,30 +165,16 @@ def read_shard_set(root: str | Path) -> ShardSet:
     return ShardSet(root, splits, tuple(info.get("classes", ())), bool(info.get("multilabel")), info)
 
 
-def read_index(tar_path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a shard's DALI index: per sample, extension -> (data offset, size)."""
-    path = index_path(tar_path)
-    lines = path.read_text(encoding="ascii").splitlines()
-    version, _, count = lines[0].partition(" ")
-    if version != INDEX_VERSION or int(count) != len(lines) - 1:
-        raise ValueError(f"{path}: not a DALI {INDEX_VERSION} index for {len(lines) - 1} samples")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split(" ")
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
-    return samples
-
-
 def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` from one shard in order, using its index (no tar parsing)."""
-    entries = read_index(tar_path)
+    entries = read_index(tar_path).samples()
     with open(tar_path, "rb") as f:
         for entry in entries:
             sample = {}
             key = None
             for ext, (offset, size) in entry.items():
-                f.seek(offset - _TAR_BLOCK)
-                header = tarfile.TarInfo.frombuf(f.read(_TAR_BLOCK), "ascii", "strict")
+                f.seek(offset - TAR_BLOCK)
+                header = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "ascii", "strict")
                 key = header.name[: header.name.find(".")]
                 sample[ext] = f.read(size)
             yield key, sample

@@ -7,7 +7,7 @@ feeding the windows to its ROI decoder. Importing this module imports neither DA
 * Train (``policy="randaugment"``): random-resized crop, area fraction ~ U(area), log-aspect ~
   U(log 3/4, log 4/3), up to 10 draws, the first that fits wins; when none fits, the largest centred
   window whose aspect is inside the range (for ordinary photos: the whole image).
-* Fine-tune (``policy="finetune"``, facts §4): the whole image, then after the resize to S a cutout
+* Fine-tune (``policy="finetune"``, the official fine-tuning augmentation): the whole image, then after the resize to S a cutout
   of half-size S/4 at a uniform centre (clipped to the image) filled with uniform noise.
 * Eval: a centred square of side ``int(r · min(H, W))`` with ``r = S/(S+32)`` below 320 px and the
   whole image from 320 px (official), or a chosen ratio.
@@ -38,8 +38,8 @@ def random_crop_window(rng: np.random.Generator, height: int, width: int, area: 
                        aspect: tuple[float, float] = ASPECT, attempts: int = ATTEMPTS) -> Window:
     """The random-resized-crop window of one ``height`` x ``width`` image (rule: module docstring).
 
-    Plain Python per image on purpose: ~4 us, where a numpy version vectorised over a batch costs
-    ~45 us for one image (the OpenCV backend draws per sample) and only ~70 us for 64.
+    Plain Python per image on purpose: the OpenCV backend draws per sample, where a numpy version
+    vectorised over a batch costs ten times more for one image (docs/pipeline.md).
     """
     lo, hi = math.log(aspect[0]), math.log(aspect[1])
     for _ in range(attempts):

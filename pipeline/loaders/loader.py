@@ -1,47 +1,19 @@
-"""Train and eval loaders: one API over two backends (DALI, and OpenCV + albumentations).
+"""Train and eval loaders: one API over the backends (:mod:`.backend` is their contract).
 
-Public API (the project contract): :func:`build_train_loader`, :func:`build_eval_loader`,
-:class:`BatchSpec`, :class:`TrainLoader`, :class:`EvalLoader`.
+Public API: :func:`build_train_loader`, :func:`build_eval_loader`, :class:`BatchSpec`,
+:class:`TrainLoader`, :class:`EvalLoader`.
 
-Every backend does the same work up to uint8 images, and this module wraps them identically:
-pinned, non-blocking copy to the device; NHWC viewed as NCHW (which IS channels_last memory, no
-copy); cast to ``dtype`` and normalise ``(x - 128) / 128``; targets (one-hot, or multi-hot
-normalised to sum 1 for training); mixup/cutmix on the device (:mod:`.mix`). Which sample a rank
-sees at which step comes from :func:`.sampler.epoch_order` (global shuffle per epoch, equal step
-counts on every rank, exact resume at any sample position, also after a stage switch).
-
-Internal backend contract (what ``backend="dali"`` and ``backend="albumentations"`` implement)::
-
-    Backend(table: SampleTable, image_size: int, randaug_magnitude: float | None, randaug_layers: int,
-            num_workers: int | None, seed: int, train: bool, crop_ratio: float | None,
-            crop_area: tuple[float, float], policy: str)
-    .batches(order: np.ndarray[int64], batch_size: int, epoch: int, start_step: int)
-        -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]
-    .close() -> None
-
-* ``batches`` yields one item per step ``start_step .. len(order) // batch_size - 1``, made of the
-  samples ``order[step * batch_size : (step + 1) * batch_size]`` (sample ids of ``table``), in order:
-  a uint8 tensor ``(B, S, S, 3)`` (RGB, on the CPU; the DALI GPU pipeline returns it on the GPU) and
-  the label tuple of every row (``table.read_sample(i)[1]``).
-* Training (``train=True``), ``policy="randaugment"``: random-resized crop (:mod:`.geometry`, area
-  ``crop_area``, aspect 3/4-4/3), bilinear resize to S x S, horizontal flip, RandAugment with the
-  official semantics at ``randaug_magnitude`` (``None`` = off; ``0`` is level 0, not off).
-  ``policy="finetune"``: whole image resized to S x S, flip, noise cutout of half-size S/4.
-  Evaluation: centre crop ``geometry.eval_crop_ratio`` of the shorter side, resize to S x S; no
-  randomness.
-* Randomness is a function of ``(seed, epoch, step)`` (and the row), never of worker count, timing
-  or how many steps were skipped, so a run resumed at ``start_step`` yields the same images.
-* A sample that cannot be decoded is reported with ``table.mark_corrupt(i, reason)`` (a warning
-  naming its shard and key) and its row gets labels ``()`` (image content arbitrary, shape intact);
-  the loader then substitutes another row of the batch (train) or masks it (eval) and counts it in
-  ``loader.num_corrupt``. A backend never raises for one bad sample.
-* ``close`` frees the backend's workers/pipeline; abandoning a ``batches`` iterator midway must be
-  safe (the next call starts fresh).
+A backend makes uint8 images; this module does the rest identically for all of them: pinned,
+non-blocking copy to the device; NHWC viewed as NCHW (which IS channels_last memory, no copy); cast
+to ``dtype`` and normalise ``(x - 128) / 128``; targets (one-hot, or multi-hot normalised to sum 1 for
+training); mixup/cutmix on the device (:mod:`.mix`); undecodable samples substituted (train) or
+masked (eval). Which sample a rank sees at which step comes from :func:`.sampler.epoch_order`
+(global shuffle per epoch, equal step counts on every rank, exact resume at any sample position,
+also after a stage switch).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +23,10 @@ import torch
 
 from effnetv2.pipeline.format.shards import ShardSet
 
-from .geometry import AREA, check_policy
+from .backend import AugmentSpec, make_backend, resolve_backend
+from .geometry import AREA
 from .mix import MixConfig, mix_batch
 from .sampler import SampleTable, epoch_order, steps_per_epoch
-
-BACKENDS = ("auto", "dali", "albumentations")
 
 
 @dataclass(frozen=True)
@@ -74,63 +45,6 @@ class BatchSpec:
     @property
     def image_shape(self) -> tuple[int, int, int, int]:
         return (self.batch_size, 3, self.image_size, self.image_size)
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: DALI on a GPU; on a CPU, the albumentations backend.
-
-    The CPU rule is measured (CPU time per image, one worker, batch 64, ~360 px JPEGs, RandAugment
-    n=2 m=9, 2-core machine): albumentations 0.74 / 1.20 / 1.65 ms at 128 / 224 / 300 px against
-    DALI CPU 0.86 / 1.74 / 2.49 ms. OpenCV's SIMD decode-scaling, resize and LUTs beat DALI's CPU
-    kernels (its bilinear warp alone is ~0.3 ms per 224 px image); on a GPU DALI wins by far.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "dali" if device.type == "cuda" and dali_available() else "albumentations"
-    if backend == "dali" and not dali_available():
-        raise RuntimeError("backend='dali' needs nvidia-dali (Linux x86_64/aarch64 only); "
-                           "use backend='albumentations' on this platform")
-    return backend
-
-
-def _check_augment(policy: str, randaug_magnitude: float | None) -> str:
-    check_policy(policy)
-    if policy == "finetune" and randaug_magnitude is not None:
-        raise ValueError("augment='finetune' (whole image, flip, noise cutout) has no RandAugment: "
-                         f"pass randaug_magnitude=None, got {randaug_magnitude}")
-    return policy
-
-
-def check_crop_area(area: tuple[float, float]) -> tuple[float, float]:
-    """The random-resized-crop area range as floats; 0 < lo <= hi <= 1, or a clear error."""
-    lo, hi = (float(a) for a in area)
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {area}")
-    return lo, hi
-
-
-def _make_backend(name: str, table: SampleTable, image_size: int, magnitude: float | None, layers: int,
-                  num_workers: int | None, seed: int, train: bool, crop_ratio: float | None,
-                  device: torch.device, crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
-    if name == "dali":
-        from .dali.backend import DaliBackend
-
-        return DaliBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
-                           device_id=device.index if device.type == "cuda" else None, crop_area=crop_area,
-                           policy=policy)
-    from .opencv.backend import AlbuBackend
-
-    return AlbuBackend(table, image_size, magnitude, layers, num_workers, seed, train, crop_ratio,
-                       pin_memory=device.type == "cuda", crop_area=crop_area, policy=policy)
 
 
 class _Loader:
@@ -291,9 +205,9 @@ def _common(shards: ShardsArg, split: str, batch_size: int, image_size: int, num
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    name = resolve_backend(backend, device)
     table = SampleTable.from_shards(shards, split, num_classes)
-    spec = BatchSpec(batch_size, image_size, dtype, device, table.num_classes)
-    return table, spec, resolve_backend(backend, device)
+    return table, BatchSpec(batch_size, image_size, dtype, device, table.num_classes), name
 
 
 def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, randaug_magnitude: float | None,
@@ -310,16 +224,16 @@ def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, rand
     ``crop_area``: the random-resized-crop area range (official 0.05-1; small, centred images such as
     Fashion-MNIST keep more of the object with a larger lower bound).
     ``augment``: ``"randaugment"`` (random-resized crop, flip, RandAugment: training from scratch) or
-    ``"finetune"`` (whole image, flip, noise cutout of half-size S/4: fine-tuning and transfer, facts
-    §4; needs ``randaug_magnitude=None``).
+    ``"finetune"`` (whole image, flip, noise cutout of half-size S/4: the official fine-tuning and
+    transfer augmentation; needs ``randaug_magnitude=None``).
     """
-    table, spec, name = _common(shards, split, batch_size, image_size, num_classes, device, backend, rank,
-                                world_size, dtype)
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
-    workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
-    be = _make_backend(name, table, image_size, randaug_magnitude, randaug_layers, workers, seed, True, None,
-                       spec.device, check_crop_area(crop_area), _check_augment(augment, randaug_magnitude))
+    aug = AugmentSpec(image_size, True, augment, None if randaug_magnitude is None else float(randaug_magnitude),
+                      randaug_layers, tuple(float(a) for a in crop_area), None, seed)
+    table, spec, name = _common(shards, split, batch_size, image_size, num_classes, device, backend, rank,
+                                world_size, dtype)
+    be = make_backend(name, table, aug, spec.device, num_workers)
     return TrainLoader(table, spec, be, name, rank, world_size, seed, mix=MixConfig(mixup_alpha, cutmix_alpha))
 
 
@@ -329,8 +243,8 @@ def build_eval_loader(shards: ShardsArg, batch_size: int, image_size: int, *, cr
                       num_workers: int | None = None) -> EvalLoader:
     """The evaluation loader: centre crop ``S/(S+32)`` below 320 px, whole image from 320 px (official),
     or ``crop_ratio``; padding rows of the last step have ``valid=False``."""
+    aug = AugmentSpec(image_size, False, crop_ratio=crop_ratio)
     table, spec, name = _common(shards, split, batch_size, image_size, num_classes, device, backend, rank,
                                 world_size, dtype)
-    workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
-    be = _make_backend(name, table, image_size, None, 0, workers, 0, False, crop_ratio, spec.device)
+    be = make_backend(name, table, aug, spec.device, num_workers)
     return EvalLoader(table, spec, be, name, rank, world_size)

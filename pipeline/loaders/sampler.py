@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from effnetv2.pipeline.format.shards import INDEX_VERSION, ShardSet, index_path, read_shard_set
-
-_TAR_BLOCK = 512
+from effnetv2.pipeline.format.index import TAR_BLOCK, read_index
+from effnetv2.pipeline.format.shards import ShardSet, read_shard_set
 
 
 class CorruptSampleWarning(UserWarning):
@@ -76,8 +75,9 @@ class SampleTable:
         multilabel = False
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
             shards = read_shard_set(shards)
+        lengths: tuple[int | None, ...] | None = None
         if isinstance(shards, ShardSet):
-            files = shards.split(split).files
+            files, lengths = shards.split(split).files, shards.split(split).lengths
             multilabel = shards.multilabel
             num_classes = num_classes or shards.num_classes
         elif isinstance(shards, (str, Path)):
@@ -90,7 +90,7 @@ class SampleTable:
             raise ValueError(f"num_classes is unknown for {files[0].parent}: pass num_classes=")
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "jpg", "cls", "labels")}
         for fid, path in enumerate(files):
-            arrays = _parse_index(path)
+            arrays = read_index(path, None if lengths is None else lengths[fid]).members
             n = len(arrays["jpg"])
             cols["shard"].append(np.full(n, fid, np.int32))
             for ext in ("jpg", "cls", "labels"):
@@ -138,7 +138,7 @@ class SampleTable:
     def key(self, i: int) -> str:
         """The sample's key, read from the tar header in front of its jpg member (for reports only)."""
         m = self._map(int(self.shard[i]))
-        start = int(self.jpg_off[i]) - _TAR_BLOCK
+        start = int(self.jpg_off[i]) - TAR_BLOCK
         name = m[start : start + 100].split(b"\0", 1)[0].decode("ascii", "replace")
         return name.split(".", 1)[0]
 
@@ -165,34 +165,6 @@ class SampleTable:
             except BufferError:  # a caller still holds a view; the map goes when the view does
                 pass
         self._maps = {}
-
-
-def _parse_index(tar_path: Path) -> dict[str, np.ndarray]:
-    """Per extension an (N, 2) int64 array of (data offset, size); (0, 0) where a sample lacks it."""
-    path = index_path(tar_path)
-    try:
-        lines = path.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the DALI index of {tar_path.name} ({e})") from e
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or int(head[1]) != len(lines) - 1:
-        raise ValueError(f"{path}: not a DALI {INDEX_VERSION} index ({len(lines) - 1} sample lines)")
-    out = {ext: np.zeros((len(lines) - 1, 2), np.int64) for ext in ("jpg", "cls", "labels")}
-    for row, line in enumerate(lines[1:]):
-        f = line.split(" ")
-        for k in range(0, len(f) - 3, 4):
-            if f[k] in out:
-                out[f[k]][row] = (int(f[k + 1]), int(f[k + 2]))
-    size = tar_path.stat().st_size
-    for ext in ("jpg", "cls"):
-        if (out[ext][:, 1] == 0).any():
-            row = int(np.argmax(out[ext][:, 1] == 0))
-            raise ValueError(f"{path}: sample {row} has no {ext!r} member (line {row + 2})")
-    ends = out["jpg"].sum(1).max(), out["cls"].sum(1).max(), out["labels"].sum(1).max()
-    if max(ends) > size:
-        raise ValueError(f"{tar_path}: index points past the end of the file ({max(ends)} > {size} bytes); "
-                         "the shard is truncated")
-    return out
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, drop_last: bool = True) -> int:

@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from effnetv2 import __version__
+from effnetv2.pipeline.format import atomic
+from effnetv2.pipeline.format.index import index_path
 from effnetv2.pipeline.format.shards import (
     MANIFEST,
     ShardSet,
     ShardWriter,
-    index_path,
     read_shard_set,
     shard_name,
     write_manifest,
@@ -189,16 +190,6 @@ def _count_into(counter) -> None:
     _on_image = tick
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _record_path(out: Path, task: ShardTask) -> Path:
     return out / PARTS / f"{task.name[:-4]}.json"
 
@@ -242,7 +233,7 @@ def write_shard(task: ShardTask, out: Path, content: ContentOptions, fingerprint
     record = {"shard": task.name, "split": task.split, "index": task.index, "length": stats["count"],
               "fingerprint": fingerprint, "stats": stats, "converted_by_reason": dict(sorted(converted.items())),
               "rejected": rejected}
-    _write_json(_record_path(out, task), record)
+    atomic.write_json(_record_path(out, task), record, sort_keys=True)
     return record
 
 
@@ -407,7 +398,7 @@ def write_shard_set(out: str | Path, splits: dict[str, Iterable[SourceItem]], cl
                  "planned_shards": {split: len(tasks) for split, tasks in plan.items()},
                  "records": [records[t.name] for t in mine],
                  "listing_rejected": [list(r) for r in listing_rejected]}
-    _write_json(out / PARTS / f"part-{i}-of-{n}.json", part_file)
+    atomic.write_json(out / PARTS / f"part-{i}-of-{n}.json", part_file, sort_keys=True)
     if progress:
         done = sum(len(t.items) for t, _ in todo)
         rate = f"{done / seconds:.0f} imgs/s" if seconds > 0 and done else "nothing left to do"
@@ -447,9 +438,7 @@ def _tsv_field(text: str) -> str:
 def write_tsv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     """A tab-separated report with a header line (tabs, newlines and backslashes escaped), atomically."""
     lines = ["\t".join(columns) + "\n"] + ["\t".join(map(_tsv_field, row)) + "\n" for row in rows]
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(lines))
 
 
 def _split_stats(records: list[dict]) -> dict:

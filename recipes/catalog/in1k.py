@@ -1,4 +1,4 @@
-"""ImageNet-1k from scratch (facts §2): the official recipe, progressive, for S/M/L/XL and B0-B3.
+"""ImageNet-1k from scratch (paper §5.1 and the official release's ``hparams``): the official recipe, progressive, for S/M/L/XL and B0-B3.
 
 Batch 4096, 350 epochs, TF RMSProp (0.9/0.9/1e-3), LR 0.016 x batch/256 with 5 warm-up epochs then
 x0.97 every 2.4 epochs, weight decay 1e-5 (not on biases/norms), label smoothing 0.1, EMA 0.9999 with

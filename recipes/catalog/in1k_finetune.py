@@ -1,4 +1,4 @@
-"""Fine-tune a 21k-pretrained model on ImageNet-1k (facts §5).
+"""Fine-tune a 21k-pretrained model on ImageNet-1k (paper §5.2, Appendix; the official release's ``ft`` configs).
 
 Starts from the EMA weights of the pretraining run (``--set init_from=RUN_DIR_OR_CKPT``) with a new,
 re-initialised classifier, and trains at the model's eval size (S 384, M/L 480, XL 512): batch 512,
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import sys
 
-from effnetv2.model import CONFIGS
+from effnetv2.model import get_config
 from effnetv2.recipes.engine.config import TrainConfig
 
 
 def config(model: str = "efficientnetv2-s") -> TrainConfig:
-    size = CONFIGS[model].eval_size if model in CONFIGS else 384
-    dropout = CONFIGS[model].dropout if model in CONFIGS else 0.2
+    model_cfg = get_config(model)
+    size, dropout = model_cfg.eval_size, model_cfg.dropout
     return TrainConfig(
         recipe="in1k-finetune", model=model, new_head=True, plan="paper", num_stages=1, epochs=15.0,
         batch_size=512, image_size=(size, size), randaug=(0.0, 0.0), mixup=(0.0, 0.0), cutmix=(0.0, 0.0),

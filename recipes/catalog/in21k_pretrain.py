@@ -1,4 +1,4 @@
-"""ImageNet-21k pretraining (facts §5): 60 epochs at 224 px, cosine, no augmentation beyond crop/flip.
+"""ImageNet-21k pretraining (paper §5.2; the official release's ``21k`` configs): 60 epochs at 224 px, cosine, no augmentation beyond crop/flip.
 
 Multi-label shards (``labels`` member) give targets that are multi-hot and normalised to sum 1;
 the loss is softmax cross-entropy on them (``--set loss=bce`` for the sigmoid alternative). The head

@@ -1,4 +1,4 @@
-"""Transfer to a small labelled dataset (facts §5, paper Table 8/9): CIFAR-10/100, Flowers, Cars, or
+"""Transfer to a small labelled dataset (paper §5.3, Tables 8/9): CIFAR-10/100, Flowers, Cars, or
 any ImageFolder shard set, from pretrained weights (``--set init_from=...``: one of our checkpoints or
 run folders, or a weights file that ``effnetv2.model.load_weights`` reads).
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import sys
 
-from effnetv2.model import CONFIGS
+from effnetv2.model import get_config
 from effnetv2.recipes.engine.config import TrainConfig
 
 
 def config(model: str = "efficientnetv2-s") -> TrainConfig:
-    size = CONFIGS[model].eval_size if model in CONFIGS else 384
-    dropout = CONFIGS[model].dropout if model in CONFIGS else 0.2
+    model_cfg = get_config(model)
+    size, dropout = model_cfg.eval_size, model_cfg.dropout
     return TrainConfig(
         recipe="transfer", model=model, new_head=True, plan="paper", num_stages=1, total_steps=10_000,
         epochs=1.0, batch_size=512, image_size=(size, size), randaug=(0.0, 0.0), mixup=(0.0, 0.0),

@@ -61,11 +61,11 @@ def collect() -> dict[str, object]:
 def usable_backends(facts: dict[str, object]) -> dict[str, str | None]:
     """Backend name -> None when usable, else the reason it is not."""
     dali, gpu = facts["dali"], facts["cuda_available"]
-    alb_ok = facts["albumentations"] and facts["opencv"] and facts["webdataset"]
+    cv_ok = bool(facts["opencv"])
     return {
         "dali-gpu": None if dali and gpu else ("DALI is not installed" if not dali else "no CUDA GPU visible"),
         "dali-cpu": None if dali else "DALI is not installed (pip install nvidia-dali-cuda120, Linux only)",
-        "albumentations": None if alb_ok else "needs albumentations, opencv-python-headless and webdataset",
+        "opencv": None if cv_ok else "needs opencv-python-headless (pip install opencv-python-headless)",
     }
 
 
@@ -105,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
         ("GPU", facts["gpu"] or "none visible (torch.cuda.is_available() is False)"),
         ("NVIDIA driver", facts["driver"] or "none (nvidia-smi not found or failed)"),
         ("DALI", facts["dali"] or f"{missing}: pip install nvidia-dali-cuda120 (Linux x86_64/aarch64 only)"),
-        ("webdataset", facts["webdataset"] or f"{missing}: pip install webdataset"),
-        ("albumentations", facts["albumentations"] or f"{missing}: pip install albumentations"),
         ("OpenCV", facts["opencv"] or f"{missing}: pip install opencv-python-headless"),
+        ("webdataset (optional)", facts["webdataset"] or "not installed (only tests read shards with it)"),
+        ("albumentations (optional)", facts["albumentations"] or "not installed (only the loader benchmark's peer)"),
         ("timm (optional)", facts["timm"] or "not installed (only benchmarks compare against it)"),
         ("torchvision (optional)", facts["torchvision"] or "not importable (only benchmarks compare against it)"),
     ]

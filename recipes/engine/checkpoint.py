@@ -11,13 +11,14 @@ field, saying which newer ones it skipped (a file truncated by a full disk, say)
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from effnetv2.pipeline.format import atomic
 
 FORMAT = "effnetv2-checkpoint-v1"
 REQUIRED = ("format", "model", "ema", "optimizer", "train_step", "step", "stage", "config")
@@ -42,24 +43,11 @@ def save(out: str | Path, state: dict, keep_last: int = 3) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(out, int(state["step"]))
-    tmp = out / f".{final.name}.partial"
-    with open(tmp, "wb") as f:
+    with atomic.atomic_open(final, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(out)
     for old in list_checkpoints(out)[max(keep_last, 1):]:
         old.unlink(missing_ok=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load(path: str | Path) -> dict:
@@ -75,6 +63,29 @@ def load(path: str | Path) -> dict:
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state
+
+
+def load_run_state(path: str | Path, state: dict, model: nn.Module, ema, optimizer, step_fn) -> None:
+    """Restore a run's model, EMA, optimizer and step from a loaded checkpoint; a checkpoint of another
+    architecture or class count is one clear error naming the file, not a raw ``load_state_dict`` one."""
+    saved = state["config"]
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = str(e).strip().splitlines()
+        why = lines[1].strip() if len(lines) > 1 else lines[0][:200]
+        classes = saved.get("num_classes") or "the shard set's"
+        raise ValueError(f"{path}: this checkpoint is of model {saved.get('model')!r} with {classes} classes "
+                         f"and does not fit the model being resumed ({why}); resume with the same model and "
+                         f"data, or start over with --fresh or another --out") from None
+    step_fn.load_state_dict(state["train_step"])
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """A run record (``config.json``), atomically."""
+    return atomic.write_json(path, obj)
 
 
 def find_latest(out: str | Path) -> tuple[Path, dict] | None:

@@ -10,14 +10,23 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from effnetv2.pipeline.loaders.geometry import POLICIES
+from effnetv2.pipeline.loaders.backend import ALIASES, BACKENDS
+from effnetv2.pipeline.loaders.geometry import AREA, POLICIES
 
+from .distributed import DEVICES
 from .plan import PRESETS
 from .schedule import KINDS
+from .step import AMP, LOSSES
 
 Range = tuple[float, float]
+_RUNTIME = {"runtime": True}  # how a run executes, not what it computes: may change across a resume
+
+
+def runtime(default):
+    """A field that only says how a run executes (a resume may change it without a note)."""
+    return field(default=default, metadata=_RUNTIME)
 
 
 @dataclass
@@ -26,7 +35,7 @@ class TrainConfig:
     recipe: str = "custom"
     model: str = "efficientnetv2-s"
     data: str = ""  # shard set folder (made by `effnetv2 shard`)
-    out: str = ""  # run folder: checkpoints, metrics.jsonl, config.json; "" = runs/<recipe>
+    out: str = runtime("")  # run folder: checkpoints, metrics.jsonl, config.json; "" = runs/<recipe>
     train_split: str = "train"
     eval_split: str = "val"  # "" = no evaluation
     num_classes: int = 0  # 0 = the shard set's class count
@@ -53,7 +62,7 @@ class TrainConfig:
     round_to: int = 1  # image sizes to a multiple of 8/16/32
     resize_every: float = 10.0  # random-resize: epochs between size draws
     randaug_layers: int = 2  # 0 = no RandAugment
-    crop_area: tuple[float, float] = (0.05, 1.0)  # random-resized-crop area range (official 0.05-1)
+    crop_area: tuple[float, float] = AREA  # random-resized-crop area range (official 0.05-1)
     augment: str = "randaugment"  # randaugment (crop, flip, RandAugment) | finetune (whole image, flip, noise cutout)
     eval_size: int = 0  # 0 = the model's eval size
     eval_crop: float | None = None  # None = the loader's rule (S/(S+32) below 320 px, else whole image)
@@ -74,35 +83,40 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     # -- runtime
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = runtime("auto")  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on a GPU that has it, else none) | bf16 | fp16 | none
-    cuda_graphs: bool = True
-    compile: bool = False
+    cuda_graphs: bool = runtime(True)
+    compile: bool = runtime(False)
     channels_last: bool = True
-    backend: str = "auto"  # loader backend
-    num_workers: int | None = None  # loader workers/threads; None = the loader's default
+    backend: str = runtime("auto")  # loader backend
+    num_workers: int | None = runtime(None)  # loader workers/threads; None = the loader's default
     torch_threads: int = 0  # intra-op CPU threads for the model; 0 = torch's default (leave cores to the loader)
     seed: int = 0  # initial weights, dropout masks, and (unless data_seed is set) data order/augmentation
     data_seed: int | None = None  # another data order with the same initial weights
-    log_every: int = 50  # steps between host syncs (loss, NaN check, progress)
-    ckpt_every: int = 0  # steps between checkpoints; 0 = at stage ends only
-    keep_last: int = 3
-    stop_at: int = 0  # > 0: checkpoint and stop after this global step (train in pieces)
-    resume: bool = False  # continue from the newest valid checkpoint in `out` if there is one
-    progress: bool = True
-    tensorboard: bool = True  # if installed
+    log_every: int = runtime(50)  # steps between host syncs (loss, NaN check, progress)
+    ckpt_every: int = runtime(0)  # steps between checkpoints; 0 = at stage ends only
+    keep_last: int = runtime(3)
+    stop_at: int = runtime(0)  # > 0: checkpoint and stop after this global step (train in pieces)
+    resume: bool = runtime(False)  # continue from the newest valid checkpoint in `out` if there is one
+    progress: bool = runtime(True)
+    tensorboard: bool = runtime(True)  # if installed
 
     def out_dir(self) -> str:
         return self.out or f"runs/{self.recipe}"
 
 
-_CHOICES = {"plan": PRESETS, "lr_schedule": KINDS, "loss": ("softmax", "bce"), "amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "cuda"),
-            "backend": ("auto", "dali", "albumentations"), "augment": POLICIES}
+CHOICES = {"plan": PRESETS, "lr_schedule": KINDS, "loss": LOSSES, "amp": tuple(AMP), "device": DEVICES,
+           "backend": BACKENDS + tuple(ALIASES), "augment": POLICIES}
+
+
+def runtime_keys() -> frozenset[str]:
+    """The fields marked :func:`runtime`."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime"))
 
 
 def validate(cfg: TrainConfig) -> None:
     """Reject a config that cannot run, before anything is built; the message names the field."""
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: choose one of {', '.join(choices)}")
     if not cfg.data:

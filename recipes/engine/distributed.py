@@ -33,6 +33,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +44,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise RuntimeError("device=cuda asked for, but torch sees no CUDA GPU (see `effnetv2 doctor`)")
         return torch.device("cuda", local_rank)
     if name != "cpu":
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
     return torch.device("cpu")
 
 

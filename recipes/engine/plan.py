@@ -50,11 +50,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Regimen:
-    """One model's progressive-learning ends: ``(lo, hi)`` per quantity, for the paper and the code."""
+    """One model's progressive-learning ends beyond its config: the official final RandAugment magnitude
+    and mixup/cutmix alpha, and the paper's Table 6 ranges. The train size and dropout of the official
+    preset are the model config's own (:class:`effnetv2.model.ModelConfig`)."""
 
-    train_size: int
-    eval_size: int
-    dropout: float  # the model's fixed dropout (official)
     randaug: float  # official final RandAugment magnitude
     mix: float  # official final mixup alpha = cutmix alpha
     paper_size: tuple[int, int]
@@ -67,20 +66,20 @@ _S_E_MIN = 128  # the official code's first size base (``ibase``) and the paper'
 _RANDAUG_MIN = 5.0  # the official code's first RandAugment magnitude
 
 REGIMENS: dict[str, Regimen] = {
-    "s": Regimen(300, 384, 0.2, 10.0, 0.0, (128, 300), (5.0, 15.0), (0.0, 0.0), (0.1, 0.3)),
-    "m": Regimen(384, 480, 0.3, 15.0, 0.2, (128, 380), (5.0, 20.0), (0.0, 0.2), (0.1, 0.4)),
-    "l": Regimen(384, 480, 0.4, 20.0, 0.5, (128, 380), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
-    "xl": Regimen(384, 512, 0.4, 20.0, 0.5, (128, 384), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
-    "b0": Regimen(192, 224, 0.2, 5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
-    "b1": Regimen(192, 240, 0.2, 5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
-    "b2": Regimen(208, 260, 0.3, 5.0, 0.0, (128, 208), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
-    "b3": Regimen(240, 300, 0.3, 5.0, 0.0, (128, 240), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
+    "s": Regimen(10.0, 0.0, (128, 300), (5.0, 15.0), (0.0, 0.0), (0.1, 0.3)),
+    "m": Regimen(15.0, 0.2, (128, 380), (5.0, 20.0), (0.0, 0.2), (0.1, 0.4)),
+    "l": Regimen(20.0, 0.5, (128, 380), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
+    "xl": Regimen(20.0, 0.5, (128, 384), (5.0, 25.0), (0.0, 0.4), (0.1, 0.5)),
+    "b0": Regimen(5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
+    "b1": Regimen(5.0, 0.0, (128, 192), (5.0, 5.0), (0.0, 0.0), (0.2, 0.2)),
+    "b2": Regimen(5.0, 0.0, (128, 208), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
+    "b3": Regimen(5.0, 0.0, (128, 240), (5.0, 5.0), (0.0, 0.0), (0.3, 0.3)),
 }
 
 
 def regimen(model: str) -> Regimen:
     """The regimen of ``model``, given as ``"s"`` or ``"efficientnetv2-s"``."""
-    key = model.lower().removeprefix("efficientnetv2-")
+    key = str(model).lower().removeprefix("efficientnetv2-")
     if key not in REGIMENS:
         raise ValueError(f"no progressive-learning preset for model {model!r}; known: {sorted(REGIMENS)}")
     return REGIMENS[key]
@@ -135,15 +134,19 @@ def make_plan(model: str, preset: str = "official", *, epochs: float, batch_size
     if preset not in PRESETS:
         raise ValueError(f"unknown plan preset {preset!r}; choose one of {PRESETS}")
     if all(v is not None for v in given.values()):
-        r = REGIMENS["s"]  # every end is given: only the preset's rule matters
+        r, train_size, dropout = REGIMENS["s"], 1, 0.0  # every end is given: only the preset's rule matters
     else:
         try:
             r = regimen(model)
         except ValueError as e:
             raise ValueError(f"{e}; or give all of size, randaug, mixup, cutmix and dropout") from None
+        from effnetv2.model import get_config
+
+        c = get_config(f"efficientnetv2-{str(model).lower().removeprefix('efficientnetv2-')}")
+        train_size, dropout = c.train_size, c.dropout
     if preset == "official":
-        ends = dict(size=(_S_E_MIN, r.train_size), randaug=(_RANDAUG_MIN, r.randaug), mixup=(0.0, r.mix),
-                    cutmix=(0.0, r.mix), dropout=(r.dropout, r.dropout))
+        ends = dict(size=(_S_E_MIN, train_size), randaug=(_RANDAUG_MIN, r.randaug), mixup=(0.0, r.mix),
+                    cutmix=(0.0, r.mix), dropout=(dropout, dropout))
         rule = "official"
     else:
         ends = dict(size=r.paper_size, randaug=r.paper_randaug, mixup=r.paper_mixup, cutmix=(0.0, 0.0),

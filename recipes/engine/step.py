@@ -29,6 +29,18 @@ from .ema import EMA
 from .optim import RMSpropTF
 from .schedule import LRSchedule
 
+LOSSES = ("softmax", "bce")
+AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # auto: see resolve_amp
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on a GPU that supports it, else full precision (CPU autocast is slower than fp32)."""
+    if name not in AMP:
+        raise ValueError(f"unknown amp {name!r}; use one of {', '.join(AMP)}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return AMP[name]
+
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
                      kind: str = "softmax") -> torch.Tensor:
@@ -47,7 +59,7 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoot
     if kind == "bce":
         binary = targets / targets.amax(dim=-1, keepdim=True).clamp_min(1e-12)
         return F.binary_cross_entropy_with_logits(logits, binary, reduction="none").sum(-1).mean()
-    raise ValueError(f"unknown loss {kind!r}; choose 'softmax' or 'bce'")
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -117,6 +129,7 @@ class TrainStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eager_left = warmup_steps
+        self.captures = 0  # graphs captured so far (one per stage shape): proof that graphs ran
         self._side = capture_stream(self.device) if self.cuda_graph else None
 
     def _compute(self, images: torch.Tensor, targets: torch.Tensor) -> None:
@@ -168,10 +181,16 @@ class TrainStep:
         with torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
             self._compute(*self._static)
         self._graph = graph
+        self.captures += 1
 
     @property
     def captured(self) -> bool:
         return self._graph is not None
+
+    @property
+    def captured_once(self) -> bool:
+        """Whether any stage of this run has replayed a captured CUDA graph."""
+        return self.captures > 0
 
     def release(self) -> None:
         """Forget this stage's graph, its memory pool and buffers (stage switch: the shape changes)."""

@@ -1,20 +1,26 @@
-"""The training loop: for each stage, build its loader, set its dropout, (re)capture, train, evaluate
-with the EMA weights, log, checkpoint. Read :func:`train` top to bottom.
+"""The training loop, in named parts: :func:`train` reads them top to bottom, ``effnetv2 bench`` and
+the other commands call the same parts instead of rebuilding them.
 
-Host syncs happen only every ``log_every`` steps (loss, LR, non-finite check, progress), at
-checkpoints and at stage ends; the step itself never waits for the GPU. Global step ``k`` reads
-sample position ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch``, so a run resumed from any
-checkpoint, or a stage starting mid-epoch, sees exactly the batches the uninterrupted run sees.
+- :func:`build_run` sets a run up: data, model, EMA, optimizer, schedule, the step, the plan in steps.
+- :func:`resume` continues it from the newest valid checkpoint.
+- :func:`open_stage` is the stage switch: the stage's loader and dropout (the step re-captures itself).
+- :func:`train_stage` trains a stage's steps, logging and checkpointing on the way.
+- :func:`close_stage` frees the loader's workers/pipeline and the step's graph; :func:`train` calls it
+  in ``finally``, so a :class:`NonFiniteLoss` or Ctrl-C never leaves workers or a DALI pipeline alive.
+
+Host syncs happen only every ``log_every`` steps, at checkpoints and at stage ends; the step never waits
+for the GPU. Global step ``k`` reads sample position ``k % steps_per_epoch`` of epoch
+``k // steps_per_epoch`` (:func:`stage_batches`), so a resumed run, or a stage starting mid-epoch, sees
+exactly the batches the uninterrupted run sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,19 +28,49 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import TrainConfig, format_config, validate
+from .config import TrainConfig, format_config, runtime_keys, validate
 from .ema import EMA
+from .evaluate import eval_loader, evaluate
+from .metrics import MetricsLog
 from .optim import RMSpropTF, weight_decay_groups
 from .plan import Stage, format_plan, make_plan, stage_bounds
-from .schedule import make_schedule
-from .step import TrainStep
-
-_RUNTIME_KEYS = {"out", "resume", "progress", "stop_at", "log_every", "ckpt_every", "keep_last", "tensorboard",
-                 "device", "backend", "num_workers", "cuda_graphs", "compile"}
+from .schedule import LRSchedule, make_schedule
+from .step import TrainStep, resolve_amp
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss (or the weights) became NaN/inf; the message names the step."""
+
+
+@dataclass
+class Run:
+    """One training run as built from its config: what every part of the loop reads and updates."""
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    shards: object  # effnetv2.pipeline.format.ShardSet
+    num_classes: int
+    model: nn.Module  # the plain model: the optimizer and the EMA hold its parameters
+    ema: EMA
+    optimizer: RMSpropTF
+    step_fn: TrainStep
+    stages: tuple[Stage, ...]
+    bounds: list[tuple[int, int]]  # (first, end) global step of each stage
+    steps_per_epoch: int
+    step: int = 0  # global steps done
+    reports: list[dict] = field(default_factory=list)  # one per finished stage
+
+    @property
+    def total_steps(self) -> int:
+        return self.bounds[-1][1] if self.bounds else 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.batch_size // self.info.world_size
+
+    @property
+    def data_seed(self) -> int:
+        return self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
 
 
 @dataclass
@@ -46,41 +82,33 @@ class RunResult:
     stages: list[dict]  # one report per finished stage (size, magnitudes, imgs/s, loss, accuracy, ...)
     finished: bool  # False when stopped early by stop_at
     resumed_from: Path | None = None
+    backend: str = ""  # the loader backend the stages used ("dali", "opencv")
+    cuda_graphs: bool = False  # whether the step ran as captured CUDA graphs
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    """Run ``cfg`` to the end (or to ``cfg.stop_at``); rank 0 prints, logs and writes checkpoints."""
+# -- set-up -----------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The network of ``cfg`` on ``device`` (channels_last), from ``init_from`` if set; seeded by ``cfg.seed``
+    so that every rank starts from the same weights."""
     from effnetv2.model import create_model
-    from effnetv2.pipeline.format.shards import read_shard_set
-    from effnetv2.pipeline.loaders.loader import build_train_loader
 
-    validate(cfg)
-    info = distributed.init(cfg.device)
-    device, main = info.device, info.is_main
-    out = Path(cfg.out_dir())
-    say = _printer(main)
-    say(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {info.world_size} ranks")
-    local_batch = cfg.batch_size // info.world_size
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    amp_dtype = resolve_amp(cfg.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-
-    # -- data, model, EMA, optimizer (same initial weights on every rank: same seed, then DDP broadcast)
-    shards = read_shard_set(cfg.data)
-    num_classes = cfg.num_classes or shards.num_classes
-    if cfg.eval_split and cfg.eval_split not in shards.splits:
-        say(f"note: {cfg.data} has no split {cfg.eval_split!r} (it has {sorted(shards.splits)}); no evaluation")
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes, drop_path_rate=cfg.drop_path_rate,
-                         bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps, tf_padding=cfg.tf_padding)
+    model = create_model(cfg.model, num_classes, drop_path_rate=cfg.drop_path_rate, bn_momentum=cfg.bn_momentum,
+                         bn_eps=cfg.bn_eps, tf_padding=cfg.tf_padding)
     if cfg.init_from:
-        say(f"initial weights: {checkpoint.load_init_weights(model, cfg.init_from, new_head=cfg.new_head)}")
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        checkpoint.load_init_weights(model, cfg.init_from, new_head=cfg.new_head)
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+
+
+def build_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> LRSchedule:
+    return make_schedule(cfg.lr_schedule, lr_per_256=cfg.lr_per_256, global_batch=cfg.batch_size,
+                         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_epochs=cfg.warmup_epochs,
+                         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr)
+
+
+def build_step(cfg: TrainConfig, model: nn.Module, info: distributed.DistInfo,
+               schedule: LRSchedule) -> tuple[EMA, RMSpropTF, TrainStep]:
+    """DDP (when several ranks), EMA, TF-RMSProp and the step around ``model``, as a run trains it."""
     forward = distributed.wrap(model, info, sync_bn=cfg.sync_bn)
     if cfg.freeze_bn:  # then no sample's gradient depends on the rest of its batch
         for m in model.modules():
@@ -89,125 +117,10 @@ def train(cfg: TrainConfig) -> RunResult:
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     optimizer = RMSpropTF(weight_decay_groups(model, cfg.weight_decay), rho=cfg.rmsprop_decay,
                           momentum=cfg.momentum, eps=cfg.eps)
-    torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout / stochastic-depth masks differ per rank
-
-    # -- the plan, in steps
-    stages = build_plan(cfg)
-    steps_per_epoch = shards.split(cfg.train_split).num_samples // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{cfg.data}: split {cfg.train_split!r} has fewer samples than one batch "
-                         f"({cfg.batch_size})")
-    total = cfg.total_steps or int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9)
-    bounds = stage_bounds(stages, total)
-    schedule = make_schedule(cfg.lr_schedule, lr_per_256=cfg.lr_per_256, global_batch=cfg.batch_size,
-                             steps_per_epoch=steps_per_epoch, total_steps=total,
-                             warmup_epochs=cfg.warmup_epochs, decay_epochs=cfg.decay_epochs,
-                             decay_rate=cfg.decay_rate, min_lr=cfg.min_lr)
     step_fn = TrainStep(forward, model, optimizer, ema, schedule, label_smoothing=cfg.label_smoothing,
-                        loss=cfg.loss, amp_dtype=amp_dtype, cuda_graph=cfg.cuda_graphs,
+                        loss=cfg.loss, amp_dtype=resolve_amp(cfg.amp, info.device), cuda_graph=cfg.cuda_graphs,
                         warmup_steps=11 if info.enabled else 3, compile=cfg.compile)
-    say(f"plan: {len(stages)} stages, {total} steps of {cfg.batch_size} images ({steps_per_epoch} steps/epoch), "
-        f"{info.world_size} rank(s) on {device}, amp {amp_dtype}, cuda graphs {step_fn.cuda_graph}")
-    say(format_plan(stages))
-
-    # -- resume
-    step, reports, resumed, ckpt_path = 0, [], None, None
-    found = _find_resume(out, cfg, main)
-    if found is not None:
-        resumed, state = found
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step_fn.load_state_dict(state["train_step"])
-        step, reports, ckpt_path = int(state["step"]), list(state["reports"]), resumed
-        rngs = state["rng"]
-        checkpoint.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        _note_config_changes(state["config"], cfg, say)
-        say(f"resumed from {resumed} at step {step} ({len(reports)} of {len(stages)} stages finished)")
-        if len(reports) == len(stages):
-            say(f"nothing left to train: the run in {out} is complete")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    log = _MetricsLog(out, main, cfg.tensorboard, keep_until=step if resumed else None)
-    bar = tqdm(total=total, initial=step, unit="step", disable=not (main and cfg.progress), dynamic_ncols=True)
-
-    def save(stage_index: int) -> Path | None:
-        """Checkpoint after ``step`` (all ranks call it: it gathers every rank's RNG state)."""
-        _check_finite_weights(model, ema, step)
-        rngs = distributed.gather(checkpoint.rng_state())
-        if not main:
-            return None
-        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                     train_step=step_fn.state_dict(), step=step, stage=stage_index, reports=reports,
-                     data_position={"epoch": step // steps_per_epoch, "step": step % steps_per_epoch},
-                     schedule=dataclasses.asdict(schedule),
-                     rng=rngs, config=dataclasses.asdict(cfg))
-        return checkpoint.save(out, state, cfg.keep_last)
-
-    # -- the stages
-    for stage, (first, end) in zip(stages, bounds):
-        if stage.index < len(reports):
-            continue  # trained and evaluated before the resume
-        t_setup = time.perf_counter()
-        loader = build_train_loader(
-            shards, local_batch, stage.image_size,
-            stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha,
-            stage.cutmix_alpha, num_classes=num_classes, device=str(device), backend=cfg.backend,
-            rank=info.rank, world_size=info.world_size, seed=data_seed, randaug_layers=cfg.randaug_layers,
-            split=cfg.train_split, num_workers=cfg.num_workers, crop_area=cfg.crop_area,
-            augment=cfg.augment)
-        if len(loader) != steps_per_epoch:
-            raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {steps_per_epoch}")
-        model.set_dropout(stage.dropout)
-        setup_s = time.perf_counter() - t_setup
-        bar.set_description(f"stage {stage.index + 1}/{len(stages)} {stage.image_size}px")
-        t_stage = t_last = time.perf_counter()
-        stage_first, last_step, losses = step, step, []
-        for images, targets in stage_batches(loader, step, end, steps_per_epoch):
-            step_fn(images, targets)
-            step += 1
-            bar.update(1)
-            ckpt_due = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != end
-            stop = cfg.stop_at and step >= cfg.stop_at
-            if step % cfg.log_every == 0 or step == end or ckpt_due or stop:
-                loss, lr = _sync_stats(step_fn, step - last_step, stage)
-                now = time.perf_counter()
-                ips = (step - last_step) * cfg.batch_size / max(now - t_last, 1e-9)
-                t_last, last_step = now, step
-                losses.append(loss)
-                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {ips:,.0f} img/s")
-                log.write(dict(event="train", step=step, stage=stage.index, loss=loss, lr=lr, imgs_per_s=ips))
-            if ckpt_due or stop:
-                ckpt_path = save(stage.index) or ckpt_path
-            if stop:
-                loader.close()
-                step_fn.release()
-                bar.close()
-                log.close()
-                say(f"stopped at step {step} (stop_at); resume with --resume")
-                return RunResult(out, ckpt_path, step, total, reports, False, resumed)
-        train_s = time.perf_counter() - t_stage
-        loader.close()
-        step_fn.release()
-
-        metrics = {}
-        if cfg.eval_split and cfg.eval_split in shards.splits:
-            metrics = evaluate(ema.module, shards, cfg, info, amp_dtype, num_classes)
-        report = dict(stage=stage.index, image_size=stage.image_size, randaug=stage.randaug_magnitude,
-                      mixup=stage.mixup_alpha, cutmix=stage.cutmix_alpha, dropout=stage.dropout,
-                      first_step=first, end_step=end, steps_trained=step - stage_first,
-                      imgs_per_s=(step - stage_first) * cfg.batch_size / max(train_s, 1e-9),
-                      train_s=train_s, setup_s=setup_s, loss=losses[-1] if losses else math.nan, **metrics)
-        reports.append(report)
-        log.write(dict(event="stage", step=step, **report))
-        say(format_report(report, len(stages)))
-        ckpt_path = save(stage.index) or ckpt_path
-
-    bar.close()
-    say(f"done: {step} steps; checkpoint {ckpt_path}")
-    log.close()
-    return RunResult(out, ckpt_path, step, total, reports, True, resumed)
+    return ema, optimizer, step_fn
 
 
 def build_plan(cfg: TrainConfig) -> tuple[Stage, ...]:
@@ -218,15 +131,107 @@ def build_plan(cfg: TrainConfig) -> tuple[Stage, ...]:
                      resize_every=cfg.resize_every, seed=cfg.seed)
 
 
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on a GPU that supports it, else full precision (CPU autocast is slower than fp32)."""
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if name not in choices:
-        raise ValueError(f"unknown amp {name!r}; use auto, bf16, fp16 or none")
-    return choices[name]
+def build_run(cfg: TrainConfig, stages: tuple[Stage, ...] | None = None) -> Run:
+    """Everything a run needs before its first step; writes nothing. ``stages`` replaces the config's
+    plan (a benchmark following another model's plan)."""
+    from effnetv2.pipeline.format import read_shard_set
+
+    validate(cfg)
+    info = distributed.init(cfg.device)
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {info.world_size} ranks")
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    shards = read_shard_set(cfg.data)
+    num_classes = cfg.num_classes or shards.num_classes
+    stages = stages or build_plan(cfg)
+    steps_per_epoch = shards.split(cfg.train_split).num_samples // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{cfg.data}: split {cfg.train_split!r} has fewer samples than one batch "
+                         f"({cfg.batch_size})")
+    total = cfg.total_steps or int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9)
+    model = build_model(cfg, num_classes, info.device)
+    ema, optimizer, step_fn = build_step(cfg, model, info, build_schedule(cfg, steps_per_epoch, total))
+    torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout / stochastic-depth masks differ per rank
+    return Run(cfg, info, shards, num_classes, model, ema, optimizer, step_fn, stages, stage_bounds(stages, total),
+               steps_per_epoch)
+
+
+def resume(run: Run, out: Path, say: Callable[[str], None]) -> Path | None:
+    """Load the newest valid checkpoint of ``out`` into ``run`` (with ``cfg.resume``); returns its path.
+
+    Rank 0 picks the file and every rank loads it. Without ``resume``, existing checkpoints are an error:
+    a run never silently overwrites another.
+    """
+    cfg, main = run.cfg, run.info.is_main
+    existing = checkpoint.list_checkpoints(out)
+    if existing and not cfg.resume:
+        raise FileExistsError(f"{out} already holds checkpoints (newest {existing[0].name}); pass --resume to "
+                              f"continue that run, --fresh to start over, or another --out")
+    if not cfg.resume:
+        return None
+    found = checkpoint.find_latest(out) if main else None
+    path = distributed.broadcast(None if found is None else str(found[0]))
+    if path is None:
+        return None
+    state = found[1] if main else checkpoint.load(path)
+    checkpoint.load_run_state(path, state, run.model, run.ema, run.optimizer, run.step_fn)
+    run.step, run.reports = int(state["step"]), list(state["reports"])
+    rngs = state["rng"]
+    checkpoint.set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
+    now = dataclasses.asdict(cfg)
+    changed = [f"{k}: {state['config'][k]!r} -> {now[k]!r}" for k in now
+               if k in state["config"] and k not in runtime_keys() and _norm(state["config"][k]) != _norm(now[k])]
+    if changed:
+        say("note: config differs from the checkpoint's: " + "; ".join(changed))
+    say(f"resumed from {path} at step {run.step} ({len(run.reports)} of {len(run.stages)} stages finished)")
+    if len(run.reports) == len(run.stages):
+        say(f"nothing left to train: the run in {out} is complete")
+    return Path(path)
+
+
+def save(run: Run, out: Path, stage_index: int) -> Path | None:
+    """Checkpoint after ``run.step`` (every rank calls it: it gathers every rank's RNG state)."""
+    _check_finite_weights(run.model, run.ema, run.step)
+    rngs = distributed.gather(checkpoint.rng_state())
+    if not run.info.is_main:
+        return None
+    spe = run.steps_per_epoch
+    state = dict(model=run.model.state_dict(), ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
+                 train_step=run.step_fn.state_dict(), step=run.step, stage=stage_index, reports=run.reports,
+                 data_position={"epoch": run.step // spe, "step": run.step % spe},
+                 schedule=dataclasses.asdict(run.step_fn.schedule), rng=rngs, config=dataclasses.asdict(run.cfg))
+    return checkpoint.save(out, state, run.cfg.keep_last)
+
+
+# -- one stage --------------------------------------------------------------------------------------
+def open_stage(run: Run, stage: Stage):
+    """The stage switch: this stage's training loader (size, RandAugment, mixup) and dropout."""
+    from effnetv2.pipeline.loaders import build_train_loader
+
+    cfg = run.cfg
+    loader = build_train_loader(
+        run.shards, run.local_batch, stage.image_size,
+        stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha, stage.cutmix_alpha,
+        num_classes=run.num_classes, device=str(run.info.device), backend=cfg.backend, rank=run.info.rank,
+        world_size=run.info.world_size, seed=run.data_seed, randaug_layers=cfg.randaug_layers,
+        split=cfg.train_split, num_workers=cfg.num_workers, crop_area=cfg.crop_area, augment=cfg.augment)
+    if len(loader) != run.steps_per_epoch:
+        loader.close()
+        raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {run.steps_per_epoch}")
+    run.model.set_dropout(stage.dropout)
+    return loader
+
+
+def close_stage(run: Run, loader) -> None:
+    """Free the stage's loader (workers, DALI pipeline) and the step's graph and memory pool."""
+    try:
+        if loader is not None:
+            loader.close()
+    finally:
+        run.step_fn.release()
 
 
 def stage_batches(loader, step: int, end: int, steps_per_epoch: int) -> Iterator[tuple]:
@@ -242,41 +247,118 @@ def stage_batches(loader, step: int, end: int, steps_per_epoch: int) -> Iterator
                 return
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, shards, cfg: TrainConfig, info: distributed.DistInfo,
-             amp_dtype: torch.dtype | None, num_classes: int) -> dict[str, float]:
-    """Top-1/top-5 and cross-entropy (no smoothing) of ``model`` (the EMA) on the eval split at the eval
-    size, summed over ranks.
+@dataclass
+class StageProgress:
+    """What :func:`train_stage` hands back: steps trained, seconds, the last logged loss, whether it stopped."""
 
-    A prediction is correct when it is one of the sample's labels, so the same code scores multi-label
-    data; there ``precision@k`` (labels among the top k, divided by k) is reported too.
+    steps: int = 0
+    seconds: float = 0.0
+    loss: float = math.nan
+    stopped: bool = False
+    checkpoint: Path | None = None
+
+
+def train_stage(run: Run, stage: Stage, loader, end: int, *, out: Path, log: MetricsLog, bar: tqdm) -> StageProgress:
+    """Train global steps ``[run.step, end)`` of ``stage``; sync, log and checkpoint at their intervals.
+
+    Stops early (``stopped``) after ``cfg.stop_at``, with a checkpoint.
     """
-    from effnetv2.pipeline.loaders.loader import build_eval_loader
+    cfg, progress = run.cfg, StageProgress()
+    t_start = t_last = time.perf_counter()
+    last_step = run.step
+    for images, targets in stage_batches(loader, run.step, end, run.steps_per_epoch):
+        run.step_fn(images, targets)
+        run.step += 1
+        progress.steps += 1
+        bar.update(1)
+        ckpt_due = cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step != end
+        stop = cfg.stop_at and run.step >= cfg.stop_at
+        if run.step % cfg.log_every == 0 or run.step == end or ckpt_due or stop:
+            progress.loss, lr = _sync_stats(run.step_fn, run.step - last_step, stage)
+            now = time.perf_counter()
+            ips = (run.step - last_step) * cfg.batch_size / max(now - t_last, 1e-9)
+            t_last, last_step = now, run.step
+            bar.set_postfix_str(f"loss {progress.loss:.4f} lr {lr:.3g} {ips:,.0f} img/s")
+            log.write(dict(event="train", step=run.step, stage=stage.index, loss=progress.loss, lr=lr,
+                           imgs_per_s=ips))
+        if ckpt_due or stop:
+            progress.checkpoint = save(run, out, stage.index) or progress.checkpoint
+        if stop:
+            progress.stopped = True
+            break
+    progress.seconds = time.perf_counter() - t_start
+    return progress
 
-    size = cfg.eval_size or model.config.eval_size
-    batch = (cfg.eval_batch_size or cfg.batch_size) // info.world_size
-    loader = build_eval_loader(shards, max(batch, 1), size, crop_ratio=cfg.eval_crop, split=cfg.eval_split,
-                               device=str(info.device), backend=cfg.backend, rank=info.rank,
-                               world_size=info.world_size, num_classes=num_classes)
-    sums = torch.zeros(5, dtype=torch.float64, device=info.device)  # top1, top5, hits in top5, loss, count
-    k = min(5, num_classes)
-    for images, targets, valid in loader:
-        with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images).float()
-        hit = targets.gather(1, logits.topk(k, dim=1).indices) > 0
-        soft = targets / targets.sum(1, keepdim=True).clamp_min(1.0)  # multi-hot -> sums to 1, as in training
-        loss = -(soft * logits.log_softmax(1)).sum(1)
-        v = valid.to(torch.float64)
-        sums += torch.stack([(hit[:, 0] * v).sum(), (hit.any(1) * v).sum(), (hit.sum(1) * v).sum(),
-                             (loss * v).sum(), v.sum()])
-    loader.close()
-    top1, top5, hits, loss_sum, n = distributed.all_reduce_sum(sums).tolist()
-    n = max(n, 1.0)
-    metrics = {"top1": top1 / n, "top5": top5 / n, "eval_loss": loss_sum / n, "eval_samples": int(n),
-               "eval_size": size}
-    if shards.multilabel:
-        metrics.update({"precision@1": top1 / n, "precision@5": hits / (k * n)})
-    return metrics
+
+def stage_report(run: Run, stage: Stage, first: int, end: int, progress: StageProgress, setup_s: float,
+                 metrics: dict) -> dict:
+    """The record of a finished stage: its plan, speed, loss and evaluation."""
+    return dict(stage=stage.index, image_size=stage.image_size, randaug=stage.randaug_magnitude,
+                mixup=stage.mixup_alpha, cutmix=stage.cutmix_alpha, dropout=stage.dropout, first_step=first,
+                end_step=end, steps_trained=progress.steps,
+                imgs_per_s=progress.steps * run.cfg.batch_size / max(progress.seconds, 1e-9),
+                train_s=progress.seconds, setup_s=setup_s, loss=progress.loss, **metrics)
+
+
+def evaluate_ema(run: Run) -> dict[str, float]:
+    """The EMA weights on the eval split at the eval size ({} when the shard set has no such split)."""
+    cfg = run.cfg
+    if not cfg.eval_split or cfg.eval_split not in run.shards.splits:
+        return {}
+    size = cfg.eval_size or run.model.config.eval_size
+    loader = eval_loader(cfg, run.shards, run.info, run.num_classes, size)
+    return evaluate(run.ema.module, loader, amp_dtype=run.step_fn.amp_dtype, multilabel=run.shards.multilabel)
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> RunResult:
+    """Run ``cfg`` to the end (or to ``cfg.stop_at``); rank 0 prints, logs and writes checkpoints."""
+    run = build_run(cfg)
+    out, main = Path(cfg.out_dir()), run.info.is_main
+    say = _printer(main)
+    say(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
+    if cfg.eval_split and cfg.eval_split not in run.shards.splits:
+        say(f"note: {cfg.data} has no split {cfg.eval_split!r} (it has {sorted(run.shards.splits)}); no evaluation")
+    say(f"plan: {len(run.stages)} stages, {run.total_steps} steps of {cfg.batch_size} images "
+        f"({run.steps_per_epoch} steps/epoch), {run.info.world_size} rank(s) on {run.info.device}, "
+        f"amp {run.step_fn.amp_dtype}, cuda graphs {run.step_fn.cuda_graph}")
+    say(format_plan(run.stages))
+    resumed = ckpt_path = resume(run, out, say)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(out / "config.json", dataclasses.asdict(cfg))
+    log = MetricsLog(out, main, cfg.tensorboard, keep_until=run.step if resumed else None)
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not (main and cfg.progress),
+               dynamic_ncols=True)
+    loader, backend = None, ""
+    try:
+        for stage, (first, end) in zip(run.stages, run.bounds):
+            if stage.index < len(run.reports):
+                continue  # trained and evaluated before the resume
+            t_setup = time.perf_counter()
+            loader = open_stage(run, stage)
+            backend = loader.backend_name
+            setup_s = time.perf_counter() - t_setup
+            bar.set_description(f"stage {stage.index + 1}/{len(run.stages)} {stage.image_size}px")
+            progress = train_stage(run, stage, loader, end, out=out, log=log, bar=bar)
+            ckpt_path = progress.checkpoint or ckpt_path
+            close_stage(run, loader)
+            loader = None
+            if progress.stopped:
+                say(f"stopped at step {run.step} (stop_at); resume with --resume")
+                return _result(run, out, ckpt_path, resumed, backend, finished=False)
+            report = stage_report(run, stage, first, end, progress, setup_s, evaluate_ema(run))
+            run.reports.append(report)
+            log.write(dict(event="stage", step=run.step, **report))
+            say(format_report(report, len(run.stages)))
+            ckpt_path = save(run, out, stage.index) or ckpt_path
+    finally:
+        if loader is not None:  # an exception mid-stage: free workers, pipeline and graph before leaving
+            close_stage(run, loader)
+        bar.close()
+        log.close()
+    say(f"done: {run.step} steps; checkpoint {ckpt_path}")
+    return _result(run, out, ckpt_path, resumed, backend, finished=True)
 
 
 def format_report(r: dict, num_stages: int) -> str:
@@ -285,6 +367,12 @@ def format_report(r: dict, num_stages: int) -> str:
             f"mixup {r['mixup']:.2f} cutmix {r['cutmix']:.2f} dropout {r['dropout']:.2f} | steps "
             f"{r['first_step']}-{r['end_step']} | {r['imgs_per_s']:,.0f} img/s | loss {r['loss']:.4f}{acc} | "
             f"{r['train_s']:.1f} s")
+
+
+def _result(run: Run, out: Path, ckpt: Path | None, resumed: Path | None, backend: str, *,
+            finished: bool) -> RunResult:
+    return RunResult(out, ckpt, run.step, run.total_steps, run.reports, finished, resumed, backend,
+                     run.step_fn.captured_once)
 
 
 def _sync_stats(step_fn: TrainStep, steps: int, stage: Stage) -> tuple[float, float]:
@@ -306,72 +394,12 @@ def _check_finite_weights(model: nn.Module, ema: EMA, step: int) -> None:
                             f"stopped without writing a checkpoint")
 
 
-def _find_resume(out: Path, cfg: TrainConfig, main: bool) -> tuple[Path, dict] | None:
-    """Rank 0 picks the checkpoint, every rank loads that file."""
-    existing = checkpoint.list_checkpoints(out)
-    if existing and not cfg.resume:
-        raise FileExistsError(f"{out} already holds checkpoints (newest {existing[0].name}); pass --resume to "
-                              f"continue that run, --fresh to start over, or another --out")
-    if not cfg.resume:
-        return None
-    found = checkpoint.find_latest(out) if main else None
-    path = distributed.broadcast(None if found is None else str(found[0]))
-    if path is None:
-        return None
-    return found if main else (Path(path), checkpoint.load(path))
-
-
-def _note_config_changes(saved: dict, cfg: TrainConfig, say) -> None:
-    now = dataclasses.asdict(cfg)
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and k not in _RUNTIME_KEYS and _norm(saved[k]) != _norm(now[k])]
-    if changed:
-        say("note: config differs from the checkpoint's: " + "; ".join(changed))
-
-
 def _norm(v):
     return list(v) if isinstance(v, tuple | list) else v
 
 
-def _printer(main: bool):
+def _printer(main: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if main:
             tqdm.write(msg)
     return say
-
-
-class _MetricsLog:
-    """JSON lines in ``out/metrics.jsonl`` (and TensorBoard scalars if tensorboard is installed). A resumed
-    run first drops the records of steps after its checkpoint, so that the file tells one history."""
-
-    def __init__(self, out: Path, main: bool, tensorboard: bool, keep_until: int | None = None) -> None:
-        path = out / "metrics.jsonl"
-        if main and keep_until is not None and path.is_file():  # resumed: drop what the checkpoint lost
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            path.write_text("".join(x for x in lines if x.strip() and json.loads(x)["step"] <= keep_until),
-                            encoding="utf-8")
-        self.file = open(path, "a", encoding="utf-8") if main else None
-        self.tb = None
-        if main and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, float) and k != "step":
-                    self.tb.add_scalar(f"{record['event']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -46,6 +46,7 @@ from effnetv2.model import CONFIGS, EfficientNetV2, ModelConfig
 from effnetv2.model.config_file import config_to_dict
 from effnetv2.model.make_timm_manifest import MANIFEST, timm_name
 from effnetv2.model.weights import timm_module_names
+from effnetv2.pipeline.format import atomic
 from effnetv2.pipeline.loaders.geometry import eval_crop_ratio
 
 FORMATS = ("timm", "safetensors", "onnx", "torchscript")
@@ -333,15 +334,11 @@ def _need(*modules: str, why: str) -> None:
         raise ExportError(f"{why} needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
 def _check_writable(path: Path) -> None:
     """Fail before the (slow) export if ``path`` cannot be written, naming it."""
     if path.is_dir():
         raise ExportError(f"{path}: is a folder; give the name of the file to write")
-    tmp = _partial(path)
+    tmp = atomic.partial_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb"):
@@ -357,21 +354,11 @@ def _check_writable(path: Path) -> None:
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` the file at a hidden temp name, fsync, rename over ``path``; the temp goes on failure."""
-    tmp = _partial(path)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is for others to read
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            write(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is for others to read
     except OSError as e:
         raise ExportError(f"{path}: cannot write: {e.strerror or e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -4,19 +4,18 @@
 and CPU differ only in the ``device`` passed through ("gpu" puts the decoder on ``mixed``, nvJPEG
 with the hardware decoder where present, and everything after it on the GPU).
 
-Samples come from :class:`effnetv2.pipeline.loaders.sampler.SampleTable` through ``fn.external_source``, one
-batch per call, in the order given by the loader (see the sampler's docstring for why not
-``fn.readers.webdataset``). Every random choice (crop window, flip, RandAugment ops, signs, cutout
-boxes) is drawn on the host from numpy generators seeded by ``(seed, epoch, step)`` and fed as
-per-sample inputs: the same seed gives the same images, a resumed run continues exactly, and the
-RandAugment magnitude is data, not a build-time constant. The crop window needs the image size, read
-from the JPEG header in a few microseconds (:func:`~effnetv2.pipeline.format.jpeg.checked_jpeg_size`); that same check rejects corrupt
-samples before DALI sees them, because one undecodable image fails a DALI batch as a whole.
+Samples come from :class:`~effnetv2.pipeline.loaders.sampler.SampleTable` through
+``fn.external_source``, one batch per call, in the order given by the loader. Every random choice
+(crop window, flip, RandAugment ops, signs, cutout boxes) is drawn on the host from numpy generators
+seeded by ``(seed, epoch, step)`` and fed as per-sample inputs: the same seed gives the same images, a
+resumed run continues exactly, and the RandAugment magnitude is data, not a build-time constant. The
+crop window needs the image size, read from the JPEG header
+(:func:`~effnetv2.pipeline.format.jpeg.checked_jpeg_size`); that same check rejects corrupt samples
+before DALI sees them, because one undecodable image fails a DALI batch as a whole.
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ import torch
 
 from effnetv2.pipeline.format.jpeg import checked_jpeg_size
 
-from ..geometry import AREA, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
+from ..backend import AugmentSpec
+from ..geometry import centre_crop_window, noise_cutout, random_crop_window
 from ..sampler import SampleTable
 from . import randaugment as randaugment_dali
 
@@ -52,20 +52,11 @@ NOISE_NODES = ("noise", "noise_a", "noise_s", "noise_at")  # fine-tune cutout: p
 
 @dataclass(frozen=True)
 class DaliConfig:
-    image_size: int
-    train: bool
-    randaug_magnitude: float | None = None
-    randaug_layers: int = 2
-    crop_ratio: float | None = None
-    device_id: int | None = None  # CUDA device for the GPU pipeline; None: all on the CPU
-    num_threads: int | None = None
-    seed: int = 0
-    crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
-    policy: str = "randaugment"  # train augmentation: "randaugment" or "finetune" (geometry.POLICIES)
+    """The spec plus where the pipeline runs: ``device_id`` None puts everything on the CPU."""
 
-    @property
-    def finetune(self) -> bool:
-        return self.train and self.policy == "finetune"
+    spec: AugmentSpec
+    device_id: int | None = None
+    num_threads: int = 1
 
     @property
     def on_gpu(self) -> bool:
@@ -74,15 +65,14 @@ class DaliConfig:
     @property
     def layers(self) -> int:
         """RandAugment layers in the graph: none when it is off (no conditionals are traced at all)."""
-        on = self.train and not self.finetune and self.randaug_magnitude is not None
-        return self.randaug_layers if on else 0
+        return self.spec.layers
 
     def names(self) -> list[str]:
         """The external source's outputs, in order."""
-        if self.finetune:
+        if self.spec.finetune:
             extra = list(NOISE_NODES)
         else:
-            extra = randaugment_dali.param_names(self.layers) if self.train else []
+            extra = randaugment_dali.param_names(self.layers) if self.spec.train else []
         return ["jpeg", "crop_a", "crop_s", "resize", *extra]
 
 
@@ -111,30 +101,29 @@ class BatchSource:
     def __call__(self):
         if self.step >= self.steps:
             raise StopIteration
-        b, step, cfg = self.batch_size, self.step, self.cfg
+        b, step, cfg, spec = self.batch_size, self.step, self.cfg, self.cfg.spec
         self.step += 1
         ids = self.order[step * b : (step + 1) * b]
         jpegs, labels, hw = self._read(ids)
         self.pending.append((step, labels))
-        crop_rng = np.random.default_rng([cfg.seed, self.epoch, step, 0])
-        if cfg.finetune:
+        crop_rng = np.random.default_rng([spec.seed, self.epoch, step, 0])
+        if spec.finetune:
             win = windows(centre_crop_window(h, w, 1.0) for h, w in hw)
-            resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
-            noise_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
-            cuts = [noise_cutout(noise_rng, cfg.image_size) for _ in range(b)]
+            resize = resize_matrices(win, spec.image_size, crop_rng.random(b) < 0.5)
+            noise_rng = np.random.default_rng([spec.seed, self.epoch, step, 1])
+            cuts = [noise_cutout(noise_rng, spec.image_size) for _ in range(b)]
             box = windows(c[0] for c in cuts).astype(np.float32)
             anchor, shape = box[:, [1, 0]], box[:, [3, 2]]  # (y, x) and (h, w): axis order "HW"
             params = {"noise": [c[1] for c in cuts], "noise_a": anchor, "noise_s": shape, "noise_at": -anchor}
-        elif cfg.train:
-            win = windows(random_crop_window(crop_rng, h, w, cfg.crop_area) for h, w in hw)
-            resize = resize_matrices(win, cfg.image_size, crop_rng.random(b) < 0.5)
-            ra_rng = np.random.default_rng([cfg.seed, self.epoch, step, 1])
-            params = randaugment_dali.sample_params(ra_rng, b, cfg.image_size, cfg.randaug_magnitude,
-                                                    cfg.layers)
+        elif spec.train:
+            win = windows(random_crop_window(crop_rng, h, w, spec.crop_area) for h, w in hw)
+            resize = resize_matrices(win, spec.image_size, crop_rng.random(b) < 0.5)
+            ra_rng = np.random.default_rng([spec.seed, self.epoch, step, 1])
+            params = randaugment_dali.sample_params(ra_rng, b, spec.image_size, spec.randaug_magnitude,
+                                                    spec.layers)
         else:
-            ratio = eval_crop_ratio(cfg.image_size, cfg.crop_ratio)
-            win = windows(centre_crop_window(h, w, ratio) for h, w in hw)
-            resize, params = resize_matrices(win, cfg.image_size), {}
+            win = windows(centre_crop_window(h, w, spec.eval_ratio) for h, w in hw)
+            resize, params = resize_matrices(win, spec.image_size), {}
         nodes = {"crop_a": win[:, :2], "crop_s": win[:, 2:], "resize": resize, **params}
         return (jpegs, *(_contiguous(nodes[name]) for name in cfg.names()[1:]))
 
@@ -192,8 +181,8 @@ def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device
     """The augmentation graph: ROI decode of the crop window; one bilinear warp that resizes it to
     S x S (and flips it, in training: the flip is part of the per-sample matrix); then RandAugment in
     training, or the noise cutout in fine-tuning. ``p`` maps :meth:`DaliConfig.names` to the external
-    source's nodes; ``device`` is "gpu" or "cpu" and is the only thing that differs. The bilinear
-    ``warp_perspective`` costs a third of DALI's CPU ``resize`` (0.3 vs 0.7-1.0 ms per 224 px image)."""
+    source's nodes; ``device`` is "gpu" or "cpu" and is the only thing that differs. The resize is a
+    bilinear ``warp_perspective`` (it carries the flip, and costs a third of DALI's CPU ``resize``)."""
     from nvidia.dali import fn, types
 
     decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
@@ -230,15 +219,14 @@ def define_pipeline(cfg: DaliConfig, batch_size: int, source):
     """The traced, not yet built pipeline (building it needs the device; tracing does not)."""
     from nvidia.dali import fn, pipeline_def
 
-    names = cfg.names()
-    threads = max(cfg.num_threads or len(os.sched_getaffinity(0)), 1)
+    names, spec = cfg.names(), cfg.spec
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=cfg.device_id, seed=cfg.seed,
+    @pipeline_def(batch_size=batch_size, num_threads=max(cfg.num_threads, 1), device_id=cfg.device_id, seed=spec.seed,
                   enable_conditionals=True, prefetch_queue_depth=2, exec_dynamic=True)
     def pipeline():
         nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
-        return augment(nodes["jpeg"], nodes, image_size=cfg.image_size, layers=cfg.layers,
-                       train=cfg.train, device="gpu" if cfg.on_gpu else "cpu", finetune=cfg.finetune)
+        return augment(nodes["jpeg"], nodes, image_size=spec.image_size, layers=cfg.layers,
+                       train=spec.train, device="gpu" if cfg.on_gpu else "cpu", finetune=spec.finetune)
 
     return pipeline()
 
@@ -262,21 +250,21 @@ def _dali_decodes(data: np.ndarray, cfg: DaliConfig) -> bool:
 
 
 class DaliBackend:
-    """Runs the DALI pipeline over a given sample order; the loader's backend interface.
+    """Runs the DALI pipeline over a given sample order: the :class:`~effnetv2.pipeline.loaders.backend.Backend`
+    on DALI, on the GPU (``device_id``) or the CPU (``device_id=None``).
 
-    Yields ``(images, labels)``: uint8 ``(B, S, S, 3)`` tensors (on the GPU for ``on_gpu``) and the
-    label tuples of each row (``()`` for a corrupt sample). The pipeline is built once per batch size
-    and kept across epochs; :meth:`close` frees it (stage switch). If DALI still fails on a batch
-    (a file that passes :func:`checked_jpeg_size` but not the decoder), the culprit is found by decoding the
-    batch's samples one by one, reported, and the pipeline rebuilt to continue at the same step.
+    The pipeline is built once per batch size and kept across epochs; :meth:`close` frees it (stage
+    switch). If DALI still fails on a batch (a file that passes :func:`checked_jpeg_size` but not the
+    decoder), the culprit is found by decoding the batch's samples one by one, reported, and the
+    pipeline rebuilt to continue at the same step.
     """
 
-    def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None,
-                 randaug_layers: int, num_workers: int | None, seed: int, train: bool,
-                 crop_ratio: float | None = None, device_id: int | None = None,
-                 crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
-        self.cfg = DaliConfig(image_size, train, randaug_magnitude, randaug_layers, crop_ratio, device_id,
-                              num_workers, seed, crop_area, policy)
+    name = "dali"
+
+    def __init__(self, table: SampleTable, spec: AugmentSpec, *, device_id: int | None = None,
+                 num_threads: int = 1):
+        self.spec = spec
+        self.cfg = DaliConfig(spec, device_id, num_threads)
         self.source = BatchSource(table, self.cfg)
         self._pipe, self._batch = None, 0
 

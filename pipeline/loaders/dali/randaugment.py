@@ -1,7 +1,7 @@
 """The official EfficientNetV2 RandAugment as a DALI graph whose random choices are runtime inputs.
 
-Semantics (facts §4, the same table as :mod:`effnetv2.pipeline.loaders.opencv.randaugment`): ``layers`` layers,
-each picks one of the 16 :data:`OPS` uniformly and always applies it at level ``L`` (10 nominal,
+Semantics (the official release's ``autoaugment.py`` RandAugment, the same table as
+:mod:`effnetv2.pipeline.loaders.opencv.randaugment`): ``layers`` layers, each picks one of the 16 :data:`OPS` uniformly and always applies it at level ``L`` (10 nominal,
 larger extrapolates); rotate/shear/translate get a random sign; empty pixels are 128; geometric ops
 sample nearest (as TensorFlow's ``image.transform`` does). Clamps, documented: posterize keeps
 ``int(L/10*4)`` bits clamped to [1, 8] (TF clamps the shift to 7; L >= 20 is the identity), solarize's
@@ -9,30 +9,12 @@ threshold ``int(L/10*256)`` is clamped to [0, 256] (L >= 10 is the identity), so
 [0, 255] (the sum saturates at 255 anyway). Contrast blends towards the mean grey level (PIL; the TF
 code's ``sum(hist)/256`` is a known bug).
 
-Why not DALI's ``auto_aug.rand_augment``: its magnitude is an integer bin fixed at build time, it does
-not extrapolate, its suite differs, and on a CPU it runs 2-3x slower than OpenCV, mostly because its
-geometric ops use DALI's bilinear ``warp_affine`` (~1.2 ms per 224 px image on a CPU, 6x the
-nearest-neighbour one) and its colour ops use float arithmetic on whole batches.
-
-How this graph stays cheap (measured in CPU time per 224 px image on this 2-core machine):
-
-* All randomness is drawn on the host with numpy (:func:`sample_params`, seeded per step) and fed as
-  per-sample inputs, so the magnitude and every choice are runtime data (no rebuild per magnitude)
-  and a resumed run reproduces the same images.
-* Geometric ops never touch pixels one by one: a rotate/shear/translate is its inverse map, applied
-  by one nearest-neighbour ``warp_perspective`` (0.1 ms; DALI's bilinear ``warp_affine`` costs
-  1.2 ms). Each layer ``k`` is a colour stage ``C_k`` then a warp ``W_k`` (``C1 W1 C2 W2 ...``);
-  the layer's op lives in one of the two, the other is skipped. Two geometric layers stay two warps
-  on purpose: one composed matrix would keep pixels that the first op pushes out of the image and
-  the second brings back, where the official (sequential) ops fill them with 128. The horizontal
-  flip lives in the crop's resize warp (see :mod:`.dali_pipeline`), before RandAugment as in the
-  official code.
-* Each op runs inside a DALI ``if`` on its per-sample code (a warp only where a geometric op was
-  drawn), so it processes only the samples that drew it; splitting and merging costs next to
-  nothing. The ops avoid DALI's CPU float arithmetic (~1 ms per image): integer arithmetic for
-  posterize ``x & mask``, solarize ``x ^ 255*(x >= t)``, solarize-add and the Color/AutoContrast
-  blends; ``brightness_contrast`` for Brightness and Contrast; DALI kernels for Equalize, Sharpness
-  (``filter`` with the blended 3x3 kernel) and Cutout (``erase``).
+All randomness is drawn on the host with numpy (:func:`sample_params`, seeded per step) and fed as
+per-sample inputs, so the magnitude and every choice are runtime data. A rotate/shear/translate is its
+inverse map applied by one nearest-neighbour warp; each layer is a colour stage then a warp, and two
+geometric layers stay two warps (sequential, as the official ops); each op runs inside a DALI ``if``
+on its per-sample code. Why this design and not DALI's ``auto_aug.rand_augment``, and what each choice
+costs: docs/pipeline.md ("The DALI backend and its RandAugment").
 
 Known small differences from the TF code: Sharpness smooths the one-pixel border too (TF keeps it);
 Equalize is DALI's (OpenCV's table: ``round((cdf - cdf_min) * 255 / (n - cdf_min))``), not PIL's

@@ -1,53 +1,18 @@
-"""The "albumentations" backend: torch DataLoader workers that decode and augment whole batches with OpenCV.
+"""The OpenCV backend: torch DataLoader workers decode and augment whole batches with OpenCV and numpy.
 
-It runs wherever DALI does not (macOS, Windows, CPU-only machines) and is the CPU peer DALI must beat.
-``loader.py`` wraps it; this module turns sample ids into uint8 NHWC batches, nothing more (no
-normalisation, targets or mixup: those happen on the device, the same for both backends).
-
-Design, and why:
-
-* **One DataLoader item = one whole batch.** A map-style dataset whose "index" is ``(epoch, ids)``:
-  the worker reads the JPEGs from the shards' memory maps (:class:`SampleTable`), decodes, augments and
-  writes each sample into one preallocated ``(B, S, S, 3)`` uint8 tensor (in shared memory when in a
-  worker, so handing it to the main process copies nothing). No per-sample collation, no per-sample
-  IPC. Workers are persistent: each ``batches()`` call only changes what the sampler hands out.
-* **Randomness per sample** from ``np.random.default_rng([seed, epoch, sample_id])``: the same sample
-  in the same epoch gets the same crop, flip and RandAugment whatever the worker count, batch size,
-  rank layout or resume point, and two ranks never share a random stream.
-* **Decode at reduced size when the crop allows** (``cv2.IMREAD_REDUCED_*``: libjpeg scales in the DCT
-  domain, 1/2, 1/4 or 1/8): the crop box is drawn first from the size in the JPEG header, then the
-  largest reduction ``r`` with ``min(crop_h, crop_w) / r >= S`` is used, so the final bilinear resize
-  is still a downscale (never an upscale of a reduced image). The crop region is the same; the only
-  difference is that the reduced pixels are block averages (less aliasing than bilinear decimation),
-  and the box edges are rounded to the reduced grid (at most r/2 source pixels). Saves ~20-30% of the
-  decode where it applies (crops ≥ 2S px, e.g. half the crops of 360 px images at 128 px).
-  ``reduced_decode=False`` turns it off (full decode, crop, resize).
-* **Crop before resize**, ``cv2.resize`` INTER_LINEAR on the crop view (4x faster than one
-  ``warpAffine`` doing crop+resize), then flip, then RandAugment at the target size on uint8
-  (:mod:`.randaugment_np`, official semantics).
-* **Why little of albumentations itself:** its transforms do not match the official ops (e.g.
-  ``Equalize`` is ``cv2.equalizeHist``, ``Solarize``/``Posterize`` take other level scales, there is no
-  SolarizeAdd with the official threshold, its ``RandomResizedCrop`` cannot share the crop box with a
-  reduced-size decode) and every transform call costs parameter dictionaries and checks. The op suite
-  is therefore plain OpenCV/numpy; "albumentations" is the user-facing name of this CPU backend.
-
-Train: the crop window from :mod:`.geometry` (random-resized crop; for ``policy="finetune"`` the whole
-image), bilinear resize to S, horizontal flip with p=0.5, then RandAugment (``randaug_magnitude=None``
-= off; 0 is level 0) or, for fine-tuning, the noise cutout of :func:`.geometry.noise_cutout`.
-Eval: the centre window of :func:`.geometry.centre_crop_window` with ``r = eval_crop_ratio(S,
-crop_ratio)`` (None: S/(S+32) below 320 px), resized to S×S.
-
-Corrupt samples (the loader contract): a row whose JPEG cannot be decoded gets labels ``()`` and a
-zero image; the main process reports it once with shard and key (:meth:`SampleTable.mark_corrupt`)
-and the loader substitutes (train) or masks (eval) the row.
+It runs wherever DALI does not (macOS, Windows, CPU-only machines) and is the CPU peer DALI must beat;
+it implements :class:`~effnetv2.pipeline.loaders.backend.Backend` and turns sample ids into uint8 NHWC
+batches, nothing more. One DataLoader item is one whole batch, written into one shared-memory tensor;
+randomness is per (seed, epoch, sample id); JPEGs are decoded at a reduced size when the crop allows
+(libjpeg's DCT scaling), then cropped, resized, flipped and augmented with the official RandAugment
+(:mod:`.randaugment`). Why each of these, and why albumentations' own transforms are not used: see
+docs/pipeline.md ("The OpenCV backend").
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -56,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from effnetv2.pipeline.format.jpeg import jpeg_size
 
-from ..geometry import AREA, Window, centre_crop_window, eval_crop_ratio, noise_cutout, random_crop_window
+from ..backend import AugmentSpec, default_workers
+from ..geometry import Window, centre_crop_window, noise_cutout, random_crop_window
 from ..sampler import SampleTable
 from .randaugment import RandAugment
 
@@ -100,33 +66,14 @@ def crop_resize(img: np.ndarray, window: Window, src_hw: tuple[int, int], size: 
 
 
 # -- the per-batch work ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AugmentSpec:
-    """Everything a worker needs to turn one sample into S×S uint8 pixels."""
-
-    image_size: int
-    train: bool
-    randaug_magnitude: float | None = None  # None: no RandAugment
-    randaug_layers: int = 2
-    seed: int = 0
-    crop_ratio: float = 1.0  # resolved (eval_crop_ratio); >= 1: whole image
-    reduced_decode: bool = True
-    crop_area: tuple[float, float] = AREA  # random-resized-crop area fraction (train)
-    policy: str = "randaugment"  # train augmentation: "randaugment" or "finetune" (geometry.POLICIES)
-
-    @property
-    def finetune(self) -> bool:
-        return self.train and self.policy == "finetune"
-
-
 class _BatchDataset(Dataset):
     """Map-style dataset whose index is ``(epoch, ids)`` and whose item is one finished batch."""
 
-    def __init__(self, table: SampleTable, spec: AugmentSpec):
+    def __init__(self, table: SampleTable, spec: AugmentSpec, reduced_decode: bool):
         self.table = table
         self.spec = spec
-        on = spec.train and not spec.finetune and spec.randaug_magnitude is not None and spec.randaug_layers > 0
-        self.randaug = RandAugment(spec.randaug_magnitude, spec.randaug_layers) if on else None
+        self.reduced_decode = reduced_decode
+        self.randaug = RandAugment(spec.randaug_magnitude, spec.layers) if spec.layers else None
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, list, list]:
         """``(images (B, S, S, 3) uint8, labels per row, [(sample id, why undecodable), ...])``."""
@@ -163,9 +110,9 @@ class _BatchDataset(Dataset):
         if spec.train and not spec.finetune:
             window = random_crop_window(rng, *src_hw, spec.crop_area)
         else:
-            window = centre_crop_window(*src_hw, 1.0 if spec.train else spec.crop_ratio)
+            window = centre_crop_window(*src_hw, 1.0 if spec.train else spec.eval_ratio)
         if img is None:
-            img = decode(data, reduction(window, size) if spec.reduced_decode else 1)
+            img = decode(data, reduction(window, size) if self.reduced_decode else 1)
             if img is None:
                 return "cv2.imdecode failed"
         if not spec.train:
@@ -215,39 +162,27 @@ class _BatchPlan(Sampler):
 
 
 # -- the backend -----------------------------------------------------------------------------------
-def default_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus)
+class OpenCVBackend:
+    """The :class:`~effnetv2.pipeline.loaders.backend.Backend` on torch DataLoader workers.
 
-
-class AlbuBackend:
-    """Batches of uint8 (B, S, S, 3) RGB images and the label tuple of every row (the loader contract).
-
-    ``batches(order, batch_size, epoch, start_step)`` yields steps ``start_step ..
-    len(order) // batch_size - 1`` of ``order`` (this rank's sample ids, e.g. from
-    :func:`.sampler.epoch_order`; ids < 0 give zero images with labels ``()``). One iteration at a
-    time: a new ``batches()`` call abandons the previous one. ``pin_memory=True`` when the batches go
-    to a CUDA device (pinned in the DataLoader's thread, off the training loop).
+    One iteration at a time: a new ``batches()`` call abandons the previous one. ``num_workers=0``
+    decodes in the calling process. ``pin_memory=True`` when the batches go to a CUDA device (pinned in
+    the DataLoader's thread, off the training loop). ``reduced_decode=False`` always decodes at full size.
     """
 
-    def __init__(self, table: SampleTable, image_size: int, randaug_magnitude: float | None = None,
-                 randaug_layers: int = 2, num_workers: int | None = None, seed: int = 0, train: bool = True,
-                 crop_ratio: float | None = None, *, pin_memory: bool = False, reduced_decode: bool = True,
-                 prefetch_factor: int = 2, crop_area: tuple[float, float] = AREA, policy: str = "randaugment"):
-        if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        magnitude = None if randaug_magnitude is None else float(randaug_magnitude)
-        self.table = table
-        self.spec = AugmentSpec(int(image_size), bool(train), magnitude, int(randaug_layers), int(seed),
-                                eval_crop_ratio(int(image_size), crop_ratio), reduced_decode,
-                                tuple(crop_area), policy)
+    name = "opencv"
+
+    def __init__(self, table: SampleTable, spec: AugmentSpec, *, num_workers: int | None = None,
+                 pin_memory: bool = False, reduced_decode: bool = True, prefetch_factor: int = 2):
+        self.table, self.spec = table, spec
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._plan = _BatchPlan()
         workers = self.num_workers > 0
         self._loader: DataLoader | None = DataLoader(
-            _BatchDataset(table, self.spec), batch_size=None, sampler=self._plan, num_workers=self.num_workers,
-            collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_init_worker if workers else None,
-            persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None,
+            _BatchDataset(table, spec, reduced_decode), batch_size=None, sampler=self._plan,
+            num_workers=self.num_workers, collate_fn=_as_is, pin_memory=pin_memory,
+            worker_init_fn=_init_worker if workers else None, persistent_workers=workers,
+            prefetch_factor=prefetch_factor if workers else None,
             generator=torch.Generator())  # its seed draws must not advance the trainer's global torch RNG
 
     @property
@@ -258,7 +193,7 @@ class AlbuBackend:
     def batches(self, order: np.ndarray, batch_size: int, epoch: int,
                 start_step: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
         if self._loader is None:
-            raise RuntimeError("AlbuBackend is closed")
+            raise RuntimeError("OpenCVBackend is closed")
         order = np.asarray(order, dtype=np.int64)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
