@@ -91,6 +91,10 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{_describe(source)}: not a state dict, these entries are not tensors: {_list(bad)}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{_describe(source)}: holds NaN or infinite values in {_list(nonfinite)}; "
+                         f"refusing to load weights a diverged run left behind")
     return state
 
 

@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from effnetv2.recipes.cli.args import positive_int
+
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -25,21 +27,14 @@ def _bytes(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be positive")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output folder for the shard set")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    size.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     size.add_argument("--shard-bytes", type=_bytes, help="bytes per shard instead, e.g. 512M")
-    p.add_argument("--max-side", type=_positive, help="downscale images whose longer side exceeds this")
+    p.add_argument("--max-side", type=positive_int, help="downscale images whose longer side exceeds this")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of converted images (default 95)")
-    p.add_argument("--workers", type=_positive, help="worker processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, help="worker processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle and held-out splits")
     p.add_argument("--part", default="0/1", help="write part i of n (0-based) of the shard set, e.g. 0/4")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run (same inputs and options)")

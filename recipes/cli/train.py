@@ -82,34 +82,34 @@ def clear_run(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 2 for a config that cannot run (one line naming the field), 1 for a run that failed."""
+    from effnetv2.recipes.engine import distributed
+    from effnetv2.recipes.engine.plan import format_plan
     from effnetv2.recipes.engine.trainer import NonFiniteLoss, build_plan, train
 
     recipe = load_recipe(args.recipe)
     try:
         cfg = resolve_config(args, recipe)
+        validate(cfg, inputs=not args.dry_run)
+        plan = build_plan(cfg)
     except ValueError as e:
         print(f"effnetv2 train: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:  # before prepare(): a dry run makes nothing
-        from effnetv2.recipes.engine.plan import format_plan
-
+    if args.dry_run:  # after validation, before prepare(): a dry run checks everything and makes nothing
         print(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
-        print(format_plan(build_plan(cfg)))
+        print(format_plan(plan))
         return 0
     if args.fresh:
         clear_run(Path(cfg.out_dir()))
-    if hasattr(recipe, "prepare"):
-        cfg = recipe.prepare(cfg, args)
     try:
-        validate(cfg)
-    except ValueError as e:
-        print(f"effnetv2 train: {e}", file=sys.stderr)
-        return 2
-    from effnetv2.recipes.engine import distributed
-
-    try:
+        if hasattr(recipe, "prepare"):
+            cfg = recipe.prepare(cfg, args)
         result = train(cfg)
-    except (NonFiniteLoss, FileExistsError, FileNotFoundError) as e:  # raised on every rank alike
+    except ValueError as e:  # bad data or files met while building the run: nothing was trained
+        print(f"effnetv2 train: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return 2
+    except (NonFiniteLoss, FileExistsError, FileNotFoundError, RuntimeError) as e:  # raised on every rank alike
         print(f"effnetv2 train: {e}", file=sys.stderr)
         distributed.shutdown()
         return 1

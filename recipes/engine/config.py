@@ -114,24 +114,68 @@ def runtime_keys() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime"))
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Reject a config that cannot run, before anything is built; the message names the field."""
+# (field, rule, what the rule says): every numeric field a run reads, checked before anything is built
+_NUMBERS: tuple[tuple[str, typing.Callable[[float], bool], str], ...] = (
+    ("epochs", lambda v: v >= 0, ">= 0"), ("total_steps", lambda v: v >= 0, ">= 0"),
+    ("batch_size", lambda v: v >= 1, ">= 1"), ("num_stages", lambda v: v >= 1, ">= 1"),
+    ("num_classes", lambda v: v >= 0, ">= 0 (0: the shard set's)"), ("round_to", lambda v: v >= 1, ">= 1"),
+    ("resize_every", lambda v: v > 0, "> 0"), ("randaug_layers", lambda v: v >= 0, ">= 0"),
+    ("eval_size", lambda v: v == 0 or v >= 8, ">= 8 (or 0: the model's)"),
+    ("eval_batch_size", lambda v: v >= 0, ">= 0 (0: batch_size)"),
+    ("drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"), ("bn_momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("bn_eps", lambda v: v > 0, "> 0"), ("lr_per_256", lambda v: v > 0, "> 0"),
+    ("warmup_epochs", lambda v: v >= 0, ">= 0"), ("decay_epochs", lambda v: v > 0, "> 0"),
+    ("decay_rate", lambda v: 0 < v <= 1, "in (0, 1]"), ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("rmsprop_decay", lambda v: 0 <= v < 1, "in [0, 1)"), ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("num_workers", lambda v: v >= 0, ">= 0 (or None: one per core)"), ("torch_threads", lambda v: v >= 0, ">= 0"),
+    ("log_every", lambda v: v >= 1, ">= 1"), ("ckpt_every", lambda v: v >= 0, ">= 0"),
+    ("keep_last", lambda v: v >= 1, ">= 1"), ("stop_at", lambda v: v >= 0, ">= 0"),
+)
+# (lo, hi) ranges: each end checked, and lo <= hi
+_RANGES = {"image_size": (lambda v: v >= 8, ">= 8 px"), "randaug": (lambda v: v >= 0, ">= 0"),
+           "mixup": (lambda v: v >= 0, ">= 0"), "cutmix": (lambda v: v >= 0, ">= 0"),
+           "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "crop_area": (lambda v: 0 < v <= 1, "in (0, 1]")}
+
+
+def validate(cfg: TrainConfig, *, inputs: bool = True) -> None:
+    """Reject a config that cannot run, before anything is built: one ValueError naming the field.
+
+    ``inputs=False`` (a dry run) skips the checks of what the run reads (``data``, ``init_from``)."""
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: choose one of {', '.join(choices)}")
-    if not cfg.data:
+    for key, ok, rule in _NUMBERS:
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key}={value!r}: must be {rule}")
+    for key, (ok, rule) in _RANGES.items():
+        pair = getattr(cfg, key)
+        if pair is None:
+            continue
+        bad = [v for v in pair if not ok(v)]
+        if bad:
+            raise ValueError(f"{key}={','.join(map(str, pair))}: {bad[0]} is out of range; each end must be {rule}")
+        if pair[0] > pair[1]:
+            raise ValueError(f"{key}={','.join(map(str, pair))}: the first (stage 1) end exceeds the last")
+    if cfg.eval_crop is not None and not 0 < cfg.eval_crop <= 1:
+        raise ValueError(f"eval_crop={cfg.eval_crop!r}: must be in (0, 1] (or None: the official rule)")
+    from effnetv2.model import get_config
+
+    get_config(cfg.model)  # an unknown name or a bad config file: its own clear error
+    if inputs and not cfg.data:
         raise ValueError("data is not set: pass --data DIR (a shard set made by 'effnetv2 shard')")
-    if cfg.new_head and not cfg.init_from:
+    if inputs and cfg.new_head and not cfg.init_from:
         raise ValueError(f"recipe {cfg.recipe!r} fine-tunes: set init_from=RUN_DIR|CHECKPOINT|WEIGHTS "
                          f"(a new head on random weights is training from scratch)")
-    for key in ("batch_size", "num_stages", "log_every", "keep_last"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.augment == "finetune" and cfg.randaug_layers > 0:
         raise ValueError("augment=finetune (whole image, flip, noise cutout) has no RandAugment: "
                          "set randaug_layers=0")
     if cfg.epochs <= 0 and cfg.total_steps <= 0:
         raise ValueError("set epochs > 0 or total_steps > 0")
+    if cfg.stop_at and cfg.total_steps and cfg.stop_at > cfg.total_steps:
+        raise ValueError(f"stop_at={cfg.stop_at} is after the run's last step ({cfg.total_steps})")
 
 
 def field_types() -> dict[str, object]:
