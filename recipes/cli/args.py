@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+
+def _number(text: str, kind: type, ok: Callable[[float], bool], rule: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+    if not ok(value):  # `not >` also rejects nan
+        raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be positive")
-    return value
+    return _number(text, int, lambda v: v > 0, "positive")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
-    return value
+    return _number(text, int, lambda v: v >= 0, ">= 0")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-    if not value > 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text}: must be positive")
-    return value
+    return _number(text, float, lambda v: v > 0, "positive")
