@@ -21,6 +21,7 @@ BENCHES = {
     "e2e": "the trainer fed by the real loader vs synthetic data, per stage; stage-switch time",
     "shard": "sharding imgs/s with and without conversion, vs a raw copy of the same bytes",
     "memory": "training-step memory: the memory model's prediction vs the bytes a real step allocates",
+    "progressive": "one recipe in fixed/progressive/adaptive/random-resize arms: accuracy vs time (Tables 12-13)",
 }
 
 
