@@ -1,8 +1,7 @@
 """The official EfficientNetV2 RandAugment, on uint8 RGB images (H, W, 3), with numpy and OpenCV.
 
-Semantics follow the official TensorFlow code (google/automl ``efficientnetv2/autoaugment.py``), see
-the official release (google/automl efficientnetv2, ``autoaugment.py``): ``num_layers`` layers, each picks one of the 16 ops in :data:`OPS` uniformly and always
-applies it at the stage's magnitude ``L`` (a float; 10 is the nominal maximum, larger values
+Semantics follow the official TensorFlow code (google/automl ``efficientnetv2/autoaugment.py``):
+``num_layers`` layers, each picks one of the 16 ops in :data:`OPS` uniformly and always applies it at the stage's magnitude ``L`` (a float; 10 is the nominal maximum, larger values
 extrapolate, nothing is clipped); rotate/shear/translate get a random sign; empty pixels are 128.
 
 =============  ===============================================  ==================================
