@@ -13,6 +13,10 @@ import numpy as np
 
 #: start-of-frame markers (SOF0-SOF15 without DHT 0xC4, JPG 0xC8 and DAC 0xCC)
 SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: The most pixels an image may have, for the sharder and both loaders alike (PIL's decompression-bomb
+#: limit, 2 x its MAX_IMAGE_PIXELS). A header claiming more is a corrupt or hostile sample: decoding it
+#: would cost gigabytes (OpenCV decodes a 65500 x 65500 header into a grey 8188 x 8188 picture).
+MAX_PIXELS = 178_956_970
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +65,16 @@ def jpeg_size(data: bytes | memoryview | np.ndarray) -> tuple[int, int] | None:
     return frame.height, frame.width
 
 
+def check_pixels(height: int, width: int) -> None:
+    """ValueError when an image of ``height`` x ``width`` has more than :data:`MAX_PIXELS` pixels."""
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"its header claims {width} x {height} pixels, more than the {MAX_PIXELS:,} an image "
+                         f"may have")
+
+
 def checked_jpeg_size(data: bytes | memoryview | np.ndarray) -> tuple[int, int]:
-    """``(height, width)``; ValueError when the data is not a complete JPEG.
+    """``(height, width)``; ValueError when the data is not a complete JPEG or has more than
+    :data:`MAX_PIXELS` pixels.
 
     A missing end-of-image marker (a truncated file) is confirmed with a full PIL decode before the
     sample is rejected, so files with harmless trailing bytes still pass.
@@ -73,6 +85,7 @@ def checked_jpeg_size(data: bytes | memoryview | np.ndarray) -> tuple[int, int]:
     size = jpeg_size(buf)
     if size is None:
         raise ValueError("no frame header with a valid size")
+    check_pixels(*size)
     if bytes(buf[-2:]) != b"\xff\xd9":
         from PIL import Image
 

@@ -22,7 +22,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import atomic
 from .index import TAR_BLOCK, index_path, read_index, write_index
@@ -143,26 +143,76 @@ def write_manifest(root: str | Path, info: dict) -> Path:
 
 
 def read_shard_set(root: str | Path) -> ShardSet:
-    """Load a shard set's manifest and check that every shard it names is present."""
+    """Load a shard set's manifest and check that every shard it names is present.
+
+    The manifest comes from outside like the shards: anything but the layout :func:`write_manifest`
+    writes (wrong types, negative counts, counts that disagree, shard names that leave the folder) is
+    one ValueError naming the file and the field.
+    """
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; is {root} a shard set made by 'effnetv2 shard'?")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        splits = {}
-        for name, s in info["splits"].items():
-            files = tuple(root / f for f in s["filenames"])
-            lengths = tuple(int(n) for n in s["shard_lengths"])
-            if len(files) != len(lengths) or sum(lengths) != int(s["num_samples"]):
-                raise ValueError(f"split {name!r}: filenames, shard_lengths and num_samples disagree")
-            splits[name] = Split(name, files, lengths)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed manifest ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed manifest (not readable JSON: {e})") from e
+    try:
+        splits, classes, multilabel = _check_manifest(info)
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed manifest ({e})") from None
+    splits = {name: Split(name, tuple(root / f for f in files), lengths) for name, (files, lengths) in splits.items()}
     missing = [str(f) for s in splits.values() for f in s.files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}")
-    return ShardSet(root, splits, tuple(info.get("classes", ())), bool(info.get("multilabel")), info)
+    return ShardSet(root, splits, classes, multilabel, info)
+
+
+def _check_manifest(info) -> tuple[dict[str, tuple[tuple[str, ...], tuple[int, ...]]], tuple[str, ...], bool]:
+    """The splits (name -> shard names, lengths), classes and multilabel flag of a parsed manifest;
+    ValueError saying which field is wrong."""
+    if not isinstance(info, dict):
+        raise ValueError(f"the top level is a {type(info).__name__}, not an object")
+    if not isinstance(info.get("splits"), dict) or not info["splits"]:
+        raise ValueError(f"'splits' must be an object of splits, got {_short(info.get('splits'))}")
+    splits = {}
+    for name, s in info["splits"].items():
+        where = f"splits.{name}"
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be an object, got {_short(s)}")
+        files, lengths, total = s.get("filenames"), s.get("shard_lengths"), s.get("num_samples")
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{where}.filenames must be a list of file names, got {_short(files)}")
+        if not isinstance(lengths, list) or not all(_count(n) for n in lengths):
+            raise ValueError(f"{where}.shard_lengths must be a list of non-negative integers, got {_short(lengths)}")
+        if not _count(total):
+            raise ValueError(f"{where}.num_samples must be a non-negative integer, got {_short(total)}")
+        if len(files) != len(lengths) or sum(lengths) != total:
+            raise ValueError(f"{where}: {len(files)} filenames, {len(lengths)} shard_lengths summing to "
+                             f"{sum(lengths)}, num_samples {total}: they disagree")
+        for f in files:
+            p = PurePosixPath(f)
+            if not f or p.is_absolute() or ".." in p.parts or "\\" in f or not f.endswith(".tar"):
+                raise ValueError(f"{where}.filenames: {f!r} is not a .tar file name inside the shard set's folder")
+        if len(set(files)) != len(files):
+            raise ValueError(f"{where}.filenames: a shard is listed twice")
+        splits[str(name)] = (tuple(files), tuple(lengths))
+    classes = info.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"'classes' must be a list of names, got {_short(classes)}")
+    multilabel = info.get("multilabel", False)
+    if not isinstance(multilabel, bool):
+        raise ValueError(f"'multilabel' must be true or false, got {_short(multilabel)}")
+    return splits, tuple(classes), multilabel
+
+
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

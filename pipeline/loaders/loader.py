@@ -23,6 +23,7 @@ import torch
 
 from effnetv2.pipeline.format.shards import ShardSet
 
+from . import forks
 from .backend import AugmentSpec, make_backend, resolve_backend
 from .geometry import AREA
 from .mix import MixConfig, mix_batch
@@ -56,6 +57,7 @@ class _Loader:
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.num_corrupt = 0
         self._active: Iterator | None = None
+        self._pid = forks.register(self)
 
     def __len__(self) -> int:
         return steps_per_epoch(len(self.table), self.world_size, self.spec.batch_size, self.drop_last)
@@ -76,8 +78,9 @@ class _Loader:
         rows = [r for r, lab in enumerate(labels) for _ in lab]
         cols = [c for lab in labels for c in lab]
         vals = [1.0 / len(lab) if normalise else 1.0 for lab in labels for _ in lab]
-        if cols and (min(cols) < 0 or max(cols) >= self.spec.num_classes):
-            raise ValueError(f"{self.table.files[0].parent}: class id {max(cols)} outside "
+        bad = next((c for c in cols if not 0 <= c < self.spec.num_classes), None)
+        if bad is not None:  # _bad_rows names the sample; this guards callers that skip it
+            raise ValueError(f"{self.table.files[0].parent}: class id {bad} outside "
                              f"0..{self.spec.num_classes - 1}; pass the right num_classes")
         device = self.spec.device
         t = torch.zeros(len(labels), self.spec.num_classes, device=device)
@@ -86,6 +89,14 @@ class _Loader:
         return t
 
     def _bad_rows(self, ids: np.ndarray, labels: list[tuple[int, ...]]) -> list[int]:
+        """Rows the backend could not decode (reported, to be substituted or masked); a class id outside
+        the class count is an error naming the sample (a wrong ``num_classes`` or a damaged shard)."""
+        n = self.spec.num_classes
+        for r, lab in enumerate(labels):
+            bad = next((c for c in lab if not 0 <= c < n), None)
+            if bad is not None:
+                raise ValueError(f"{self.table.describe(int(ids[r]))}: class id {bad} outside 0..{n - 1}; pass "
+                                 f"the right num_classes, or re-shard if the shard is damaged")
         bad = [r for r, lab in enumerate(labels) if not lab]
         for r in bad:
             self.table.mark_corrupt(int(ids[r]), "the backend could not decode it")
@@ -103,7 +114,10 @@ class _Loader:
             self._active = None
 
     def close(self) -> None:
-        """Free the backend (workers, DALI pipeline and its device memory): call at a stage switch."""
+        """Free the backend (workers, DALI pipeline and its device memory): call at a stage switch.
+        A no-op in a forked child: what the loader holds belongs to the process that made it."""
+        if not forks.owned(self._pid):
+            return
         self._stop()
         self.backend.close()
         self.table.close()

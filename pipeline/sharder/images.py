@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from effnetv2.pipeline.format.jpeg import read_frame
+from effnetv2.pipeline.format.jpeg import MAX_PIXELS, read_frame
 
 # SOF markers of Huffman-coded, non-differential DCT JPEGs: baseline, extended sequential, progressive.
 _COPYABLE_SOF = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
@@ -104,6 +104,8 @@ def check_image(data: bytes, *, quality: int = 95, max_side: int | None = None) 
         fmt = "JPEG" if img.format in ("JPEG", "MPO") else (img.format or "unknown")
         kind = f"{fmt}/{img.mode}"
         width, height = img.size
+        if width * height > MAX_PIXELS:  # the loaders' limit too; PIL's own can be changed by the caller
+            return CheckedImage(None, "rejected", f"too large: {width} x {height} pixels (at most {MAX_PIXELS:,})")
         target = _target_size(width, height, max_side)
         if fmt == "JPEG" and img.mode == "RGB" and target is None:
             blocker = _copy_blocker(img, data)

@@ -3,8 +3,9 @@
 Listing never decodes an image; it only decides which file is which class in which split, in a
 deterministic (sorted) order, so that the sharder's seeded shuffle gives the same plan on every
 machine. Anything a listing drops (a file outside any class folder, a validation image without a
-label, an unsafe tar member name) is returned in ``Listing.rejected`` with the reason, to be written
-to ``rejected.tsv``.
+label, an unsafe tar member name, a link to a folder, an unreadable folder) is returned in
+``Listing.rejected`` with the reason, to be written to ``rejected.tsv``. Names in reports are printable:
+bytes of a file name that are not UTF-8 appear as ``\\xNN`` (the file itself is still read).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .writer import SourceItem, TarMember, pool_context
+from .writer import MAX_INPUT_BYTES, SourceItem, TarMember, process_pool
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 RELEASES = {"fall11": 21841, "winter21": 19167}  # synset counts of the ImageNet-21k releases
@@ -42,32 +42,48 @@ class Listing:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (merged image, kept image)
 
 
+def printable(name: str) -> str:
+    """A file name as reports show it: bytes that are not UTF-8 (kept by Python as surrogate escapes,
+    which no UTF-8 file can hold) written as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    return printable(path.relative_to(root).as_posix())
 
 
 def _walk_files(folder: Path, root: Path, rejected: list[tuple[str, str]]) -> Iterator[Path]:
-    """Every regular file below ``folder`` in sorted order, following links to folders (once each).
+    """Every regular file below ``folder`` in sorted order (links to files included).
 
-    Uses ``os.scandir``'s cached file types, so listing ImageNet costs no stat per file. Entries that
-    are neither files nor folders (FIFOs, sockets, broken links) are reported in ``rejected``."""
-    seen: set[tuple[int, int]] = set()
+    Links to folders are not followed: one to a parent folder would add the other classes' images again
+    under this class, one to itself never ends. They are reported in ``rejected``, as are unreadable
+    folders (skipped, the run goes on) and entries that are neither files nor folders. A class folder
+    that is itself a link is followed unless it leads to a folder holding the dataset. Uses
+    ``os.scandir``'s cached file types, so listing ImageNet costs no stat per file."""
 
     def walk(path: str) -> Iterator[Path]:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            rejected.append((_rel(Path(path), root), f"unreadable folder, skipped: {e.strerror or e}"))
             return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
-            if entry.is_dir():
-                yield from walk(entry.path)
-            elif entry.is_file():
-                yield Path(entry.path)
-            else:
-                rejected.append((_rel(Path(entry.path), root), "not a regular file (FIFO, socket or broken link)"))
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from walk(entry.path)
+                elif entry.is_symlink() and entry.is_dir():  # is_dir raises for a link to itself
+                    rejected.append((_rel(Path(entry.path), root), "link to a folder: not followed"))
+                elif entry.is_file():
+                    yield Path(entry.path)
+                else:
+                    rejected.append((_rel(Path(entry.path), root), "not a regular file (FIFO, socket or broken link)"))
+            except OSError as e:
+                rejected.append((_rel(Path(entry.path), root), f"unreadable: {e.strerror or e}"))
 
+    if folder.is_symlink() and folder.parent.resolve().is_relative_to(folder.resolve()):
+        rejected.append((_rel(folder, root), "link to a folder holding the dataset: not followed"))
+        return
     yield from walk(str(folder))
 
 
@@ -87,15 +103,22 @@ def tar_members(tar_path: Path, root: Path) -> tuple[list[tuple[str, TarMember]]
     prefix = _rel(tar_path, root)
     members, rejected = [], []
     try:
+        tar_size = tar_path.stat().st_size
         with tarfile.open(tar_path, "r:") as tar:
             for info in tar:
-                display = f"{prefix}:{info.name}"
+                display = f"{prefix}:{printable(info.name)}"
                 if info.isdir():
                     continue
                 if _unsafe_member(info.name):
                     rejected.append((display, "unsafe tar member name (absolute or '..'); not read"))
                 elif not info.isreg():
                     rejected.append((display, "tar member is not a regular file (link or device)"))
+                elif info.offset_data + info.size > tar_size:  # nothing can follow it: stop here
+                    rejected.append((display, f"tar member declares {info.size} bytes, past the end of the tar "
+                                              f"({tar_size} bytes): a corrupt or truncated tar; not read"))
+                    break
+                elif info.size > MAX_INPUT_BYTES:
+                    rejected.append((display, f"too large: {info.size} bytes (at most {MAX_INPUT_BYTES}); not read"))
                 else:
                     members.append((display, TarMember(tar_path, info.offset_data, info.size)))
     except (tarfile.TarError, OSError) as e:
@@ -109,9 +132,9 @@ def _class_entries(folder: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
     classes, others = [], []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir():
-            classes.append((entry.name, entry))
+            classes.append((printable(entry.name), entry))
         elif entry.is_file() and entry.suffix == ".tar":
-            classes.append((entry.stem, entry))
+            classes.append((printable(entry.stem), entry))
         else:
             others.append(entry)
     dup = [c for c, n in Counter(c for c, _ in classes).items() if n > 1]
@@ -141,6 +164,13 @@ def hold_out(items: list[SourceItem], n: int, seed: int, what: str) -> tuple[lis
 
 # ---- ImageFolder ----
 
+def _has_folders(folder: Path) -> bool:
+    try:
+        return any(x.is_dir() for x in folder.iterdir())
+    except OSError:  # unreadable: a class folder, reported when it is walked
+        return False
+
+
 def imagefolder(src: Path, *, val: int = 0, seed: int = 0) -> Listing:
     """One folder per class (classes sorted by name); or ``train/``, ``val/``, ``test/`` folders
     each holding the class folders. ``val`` > 0 holds out that many training images as ``val``."""
@@ -148,7 +178,7 @@ def imagefolder(src: Path, *, val: int = 0, seed: int = 0) -> Listing:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a folder")
     subdirs = [d for d in sorted(src.iterdir()) if d.is_dir()]
-    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS and any(x.is_dir() for x in d.iterdir())]
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS and _has_folders(d)]
     if split_dirs and len(split_dirs) != len(subdirs):
         others = [d.name for d in subdirs if d not in split_dirs]
         raise ValueError(f"{src}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
@@ -166,12 +196,12 @@ def imagefolder(src: Path, *, val: int = 0, seed: int = 0) -> Listing:
             else:
                 rejected.append((_rel(entry, src), "not inside a class folder"))
         per_split[split] = entries
-        names |= {e.name for e in entries}
+        names |= {printable(e.name) for e in entries}
     classes = sorted(names)
     if not classes:
         raise ValueError(f"{src}: no class folders found")
     label_of = {c: i for i, c in enumerate(classes)}
-    splits = {split: [item for e in entries for item in _class_items(e.name, e, label_of, src, rejected)]
+    splits = {split: [item for e in entries for item in _class_items(printable(e.name), e, label_of, src, rejected)]
               for split, entries in per_split.items()}
     if val:
         if "val" in splits:
@@ -323,7 +353,7 @@ def content_hashes(items: list[SourceItem], workers: int = 1, progress: bool = F
                     hashes[i] = h
                 bar.update(len(chunk))
         else:
-            with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=pool_context()) as pool:
+            with process_pool(min(workers, len(chunks))) as pool:
                 for chunk, res in zip(chunks, pool.map(_hash_chunk, [[items[i] for i in c] for c in chunks])):
                     for i, h in zip(chunk, res):
                         hashes[i] = h

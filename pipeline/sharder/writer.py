@@ -28,6 +28,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -56,6 +57,11 @@ PARTS = "_parts"
 REJECTED = "rejected.tsv"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _TAR_OVERHEAD = 4 * 512  # three member headers plus padding, per sample, for --shard-bytes planning
+MAX_INPUT_BYTES = 1 << 30  # no image worth training on is near this; reading a larger "image" risks memory
+
+
+class InputTooLarge(OSError):
+    """An input file or tar member larger than :data:`MAX_INPUT_BYTES`: rejected before it is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,8 @@ class TarMember:
     size: int
 
     def read(self) -> bytes:
+        if self.size > MAX_INPUT_BYTES:
+            raise InputTooLarge(f"{self.size} bytes (at most {MAX_INPUT_BYTES})")
         with open(self.tar, "rb") as f:
             f.seek(self.offset)
             data = f.read(self.size)
@@ -90,7 +98,10 @@ class SourceItem:
         if isinstance(self.source, TarMember):
             return self.source.read()
         with open(self.source, "rb") as f:
-            return f.read()
+            data = f.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            raise InputTooLarge(f"more than {MAX_INPUT_BYTES} bytes")
+        return data
 
     def input_size(self) -> int:
         """Bytes of the encoded input, used to plan shards by size."""
@@ -205,6 +216,8 @@ def write_shard(task: ShardTask, out: Path, content: ContentOptions, fingerprint
         for j, item in enumerate(task.items):
             try:
                 result = check_image(item.read(), quality=content.quality, max_side=content.max_side)
+            except InputTooLarge as e:
+                result = CheckedImage(None, "rejected", f"too large: {e}")
             except OSError as e:
                 result = CheckedImage(None, "rejected", f"unreadable: {e.strerror or e}")
             if result.data is None:
@@ -282,12 +295,54 @@ def _check_inputs(splits: dict[str, list[SourceItem]], classes: Sequence[str]) -
         for item in items:
             if not item.labels or any(not 0 <= c < len(classes) for c in item.labels):
                 raise ValueError(f"{item.name}: labels {item.labels} outside 0..{len(classes) - 1}")
+            if not _encodable(item.name):
+                raise ValueError(f"{item.name!r}: a report name must be valid UTF-8 (the listings make it so "
+                                 f"with effnetv2.pipeline.sharder.sources.printable)")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def pool_context() -> mp.context.BaseContext:
     """Worker processes start clean (forkserver on Linux), never as forks of a parent that may run
     threads (torch, tqdm); scripts calling the API therefore need an ``if __name__ == "__main__"`` guard."""
     return mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+
+
+def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A process pool (:func:`pool_context`) whose workers exit as soon as this process is gone, also
+    after ``kill -9``.
+
+    Each worker watches a pipe whose only write end this process holds: end of file means the parent
+    died. Without it the workers of a killed run wait for tasks forever, and the forkserver and the
+    resource tracker, which live as long as any worker does, with them. (``PR_SET_PDEATHSIG`` would not
+    do: a forkserver worker's parent is the forkserver, which outlives the run for the same reason.)
+    """
+    ctx = pool_context()
+    lifeline, keep = ctx.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(lifeline, initializer, initargs))
+    pool._effnetv2_lifeline = (lifeline, keep)  # the write end lives (open) exactly as long as the pool
+    return pool
+
+
+def _start_worker(lifeline, initializer: Callable | None, initargs: tuple) -> None:
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), name="parent-watch", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_with_parent(lifeline) -> None:
+    try:
+        lifeline.recv_bytes()  # nothing is ever sent: this returns only at end of file, when the parent is gone
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def _run_tasks(tasks: list[tuple[ShardTask, str]], out: Path, content: ContentOptions, workers: int,
@@ -305,10 +360,8 @@ def _run_tasks(tasks: list[tuple[ShardTask, str]], out: Path, content: ContentOp
             for task, fp in tasks:
                 records[task.name] = write_shard(task, out, content, fp)
             return records
-        ctx = pool_context()
-        counter = ctx.Value("q", 0)
-        pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_count_into,
-                                   initargs=(counter,))
+        counter = pool_context().Value("q", 0)
+        pool = process_pool(min(workers, len(tasks)), _count_into, (counter,))
         try:
             pending = {pool.submit(write_shard, t, out, content, fp): t for t, fp in tasks}
             while pending:

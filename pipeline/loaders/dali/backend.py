@@ -25,6 +25,7 @@ import torch
 
 from effnetv2.pipeline.format.jpeg import checked_jpeg_size
 
+from .. import forks
 from ..backend import AugmentSpec
 from ..geometry import centre_crop_window, noise_cutout, random_crop_window
 from ..sampler import SampleTable
@@ -267,6 +268,7 @@ class DaliBackend:
         self.cfg = DaliConfig(spec, device_id, num_threads)
         self.source = BatchSource(table, self.cfg)
         self._pipe, self._batch = None, 0
+        self._pid = forks.register(self)  # a forked child must never run or shut down this pipeline
 
     def batches(self, order: np.ndarray, batch_size: int, epoch: int,
                 start_step: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[int, ...]]]]:
@@ -290,7 +292,8 @@ class DaliBackend:
                 _, labels = self.source.pending.popleft()
                 yield self._to_torch(out), labels
         finally:
-            self._rewind(pipe, drain=not done)
+            if forks.owned(self._pid):  # a generator collected in a forked child: DALI's threads are not there
+                self._rewind(pipe, drain=not done)
 
     def _pipeline(self, batch_size: int):
         if self._pipe is None or self._batch != batch_size:
@@ -334,8 +337,9 @@ class DaliBackend:
         return torch.from_numpy(out.as_array())
 
     def close(self) -> None:
-        """Drop the pipeline; on a GPU also hand DALI's pooled device memory back (stage switch)."""
-        if self._pipe is not None:
+        """Drop the pipeline; on a GPU also hand DALI's pooled device memory back (stage switch).
+        A no-op in a forked child (the pipeline is the parent's)."""
+        if self._pipe is not None and forks.owned(self._pid):
             self._pipe = None
             if self.cfg.on_gpu:
                 from nvidia.dali.backend import ReleaseUnusedMemory

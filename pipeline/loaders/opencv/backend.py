@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from effnetv2.pipeline.format.jpeg import jpeg_size
+from effnetv2.pipeline.format.jpeg import check_pixels, jpeg_size
 
+from .. import forks
 from ..backend import AugmentSpec, default_workers
 from ..geometry import Window, centre_crop_window, noise_cutout, random_crop_window
 from ..sampler import SampleTable
@@ -107,6 +108,10 @@ class _BatchDataset(Dataset):
             if img is None:
                 return "not a decodable JPEG"
             src_hw = img.shape[:2]
+        try:
+            check_pixels(*src_hw)  # the same limit as DALI's source (checked_jpeg_size), before decoding
+        except ValueError as e:
+            return str(e)
         if spec.train and not spec.finetune:
             window = random_crop_window(rng, *src_hw, spec.crop_area)
         else:
@@ -175,6 +180,7 @@ class OpenCVBackend:
     def __init__(self, table: SampleTable, spec: AugmentSpec, *, num_workers: int | None = None,
                  pin_memory: bool = False, reduced_decode: bool = True, prefetch_factor: int = 2):
         self.table, self.spec = table, spec
+        self._pid = forks.register(self)  # workers are this process's: a forked child must not stop them
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._plan = _BatchPlan()
         workers = self.num_workers > 0
@@ -213,12 +219,14 @@ class OpenCVBackend:
             yield images, [tuple(x) for x in labels]  # pinning turns tuples into lists
 
     def close(self) -> None:
-        """Stop the workers now (a stage switch builds a new backend)."""
+        """Stop the workers now (a stage switch builds a new backend); a no-op in a forked child."""
+        if not forks.owned(self._pid):
+            return
         loader, self._loader = self._loader, None
         it = getattr(loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
     def __del__(self) -> None:
-        if getattr(self, "_loader", None) is not None:
+        if getattr(self, "_loader", None) is not None and forks.owned(self._pid):
             self.close()
