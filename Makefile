@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEPS_HASH)
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test lint system-deps clean
+.PHONY: setup demo test lint system-deps clean gpu-check
 
 setup: $(STAMP) system-deps
 
@@ -41,6 +41,11 @@ lint: $(STAMP)
 
 test: setup lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# The prepared GPU check (bench/gpu-check.sh --help; bench/RESULTS.md): GPU tests and benchmarks in one
+# command. No setup: a GPU machine has its own torch and may have no registry. ARGS=--cpu-smoke tests it here.
+gpu-check:
+	@bash bench/gpu-check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

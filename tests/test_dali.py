@@ -198,24 +198,62 @@ def test_the_gpu_graph_puts_every_image_op_on_the_gpu_with_an_operator_dali_has_
     assert len(image_ops) > (40 if train and policy == "randaugment" else 1)
 
 
-@pytest.mark.gpu
-def test_batch_finishing_and_mixing_never_sync_the_host(small_shards):
-    from effnetv2.pipeline.loaders import build_train_loader
-    from effnetv2.pipeline.loaders.mix import MixConfig, mix_batch
+def _keep_gpu_busy(seconds: float) -> None:
+    """Queue about ``seconds`` of GPU work on torch's current stream (``torch.cuda._sleep``, calibrated)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10**7)
+    end.record()
+    end.synchronize()
+    per_cycle = start.elapsed_time(end) / 1e3 / 1e7
+    torch.cuda._sleep(int(seconds / per_cycle))
 
-    loader = build_train_loader(small_shards, 16, 64, None, 0.5, 0.5, backend="dali", device="cuda")
-    u8 = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8, device="cuda")
-    labels = [(i % 4,) for i in range(16)]
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["dali", "opencv"])
+def test_the_loader_runs_ahead_of_the_gpu_from_pinned_memory(small_shards, backend, monkeypatch):
+    """The real path from shards to a mixed CUDA batch never waits for the GPU: with ~2 s of work queued on
+    torch's stream, the next batch (DALI's outputs bound to torch's stream, or the DataLoader's pinned
+    batch; targets; mixup and cutmix) is handed over while that work still runs, every host-to-device
+    copy it made went from pinned memory without blocking, and torch's sync debug mode saw no sync."""
+    import time
+
+    from effnetv2.pipeline.loaders import build_train_loader
+
+    loader = build_train_loader(small_shards, 16, 64, 9.0, 0.5, 0.5, backend=backend, device="cuda",
+                                num_workers=2)
+    assert loader.backend_name == backend
+    batches = iter(loader)
+    next(batches)  # builds the pipeline or starts the workers
+    time.sleep(1.0)  # lets the loader's prefetching finish: the next batch waits on nothing but the handover
     torch.cuda.synchronize()
+    copies, to = [], torch.Tensor.to
+
+    def recorded_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "cuda":
+            copies.append((tuple(self.shape), self.is_pinned(), kwargs.get("non_blocking", False)))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_to)
+    _keep_gpu_busy(2.0)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        images = loader._images(u8)
-        targets = loader._targets(labels, normalise=True)
-        images, targets = mix_batch(images, targets, MixConfig(0.5, 0.5), 0, 0, 0)
+        t0 = time.perf_counter()
+        images, targets = next(batches)
+        handover_s = time.perf_counter() - t0
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert images.is_cuda and targets.is_cuda
+    still_busy = not torch.cuda.current_stream().query()
+    monkeypatch.undo()
+    assert still_busy and handover_s < 1.0, handover_s
+    assert copies and all(pinned and non_blocking for _, pinned, non_blocking in copies), copies
+    if backend == "opencv":
+        assert copies[0][0] == (16, 64, 64, 3)  # the images themselves come from the host
+    torch.cuda.synchronize()
+    assert images.is_cuda and images.shape == (16, 3, 64, 64) and torch.isfinite(images).all()
     assert torch.allclose(targets.sum(1), torch.ones(16, device="cuda"))
+    batches.close()
     loader.close()
 
 

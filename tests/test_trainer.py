@@ -107,10 +107,14 @@ def test_existing_run_needs_resume_or_fresh(shards, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_cuda_run_with_graphs_and_dali(shards, tmp_path):
-    """The GPU path end to end: DALI GPU loader, bf16 autocast, CUDA-graph steps, stage switch."""
+    """The GPU path end to end: DALI GPU loader, bf16 autocast, CUDA-graph steps, stage switch; the run
+    result says which loader backend and whether graphs ran (``backend="auto"`` could fall back)."""
     run = dict(device="cuda", backend="auto", cuda_graphs=True, amp="auto", epochs=2.0, log_every=2)
     result = train(tiny_config(shards, tmp_path / "gpu", **run))
-    assert result.finished and result.step == 16
+    assert result.finished and result.step == result.total_steps == 32  # 2 epochs of 128 // 8
+    assert result.backend == "dali" and result.cuda_graphs
+    assert [s["image_size"] for s in result.stages] == [32, 40]
     assert all(math.isfinite(s["loss"]) and s["imgs_per_s"] > 0 for s in result.stages)
     eager = train(tiny_config(shards, tmp_path / "eager", **{**run, "cuda_graphs": False}))
+    assert eager.finished and eager.backend == "dali" and not eager.cuda_graphs
     assert eager.stages[-1]["loss"] == pytest.approx(result.stages[-1]["loss"], rel=0.2)

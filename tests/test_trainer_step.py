@@ -129,3 +129,58 @@ def test_cuda_graph_step_with_autocast_trains(amp):
     runs = _graph_vs_eager([(32, 6)], amp=amp)
     loss_graph, loss_eager = runs[True][2][0], runs[False][2][0]
     assert runs[True][2][2] == -1 and loss_graph == pytest.approx(loss_eager, rel=2e-2)
+
+
+@pytest.fixture
+def one_rank_nccl():
+    """A one-process NCCL group: DDP's reducer, its hooks, allreduce and timing events all run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_ddp_trains_like_the_plain_model_eager_and_captured_across_many_stages(one_rank_nccl):
+    """DDP as ``distributed.wrap`` builds it, eager (``cuda_graphs=False``: DDP and the step on one stream)
+    and with one capture per stage through 26 stages, matches the plain model. Stage 25's capture would
+    be DDP's 300th iteration, one it samples for its runtime statistics, without the padded warm-up."""
+    from effnetv2.recipes.engine.distributed import DistInfo, wrap
+    from effnetv2.recipes.engine.step import ddp_samples_stats, eager_steps_before_capture
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.manual_seed(0)
+    base = _small_model().cuda()
+    # 26 stages of 15 steps at changing sizes (a new graph each), as the trainer runs them
+    stages = [_batches(15, 8 + 2 * (k % 3), "cuda", seed=k) for k in range(26)]
+    # wrap() builds DDP only for several ranks; the one-process group stands in for them
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0))
+    runs = {}
+    for name, ddp, graph in (("plain", False, False), ("ddp eager", True, False), ("ddp graph", True, True)):
+        model = copy.deepcopy(base)
+        forward = wrap(model, info) if ddp else model
+        step = TrainStep(forward, model, RMSpropTF(weight_decay_groups(model, 1e-5)), EMA(model, 0.99),
+                         LRSchedule("constant", 0.01, 1000), cuda_graph=graph, warmup_steps=11)
+        for batches in stages:
+            for x, y in batches:
+                step(x, y)
+            step.release()
+        torch.cuda.synchronize()
+        runs[name] = (model.state_dict(), step)
+    graph_step = runs["ddp graph"][1]
+    assert graph_step.ddp and graph_step.captures == 26
+    done = 0
+    for _ in range(26):  # the schedule the step followed: no capture on or right after a sampled iteration
+        done += eager_steps_before_capture(done, 11) + 1
+        assert not ddp_samples_stats(done) and not ddp_samples_stats(done - 1)
+    assert graph_step.forwards == done > 300
+    # one rank: the allreduce leaves the gradients as they are, so this shows that DDP's hooks, allreduce
+    # and captures run on the step's stream and change nothing; the race between ranks needs two GPUs
+    for name in ("ddp eager", "ddp graph"):
+        for k, v in runs["plain"][0].items():
+            torch.testing.assert_close(runs[name][0][k], v, rtol=1e-3, atol=1e-4, msg=f"{name}: {k}")

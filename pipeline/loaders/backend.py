@@ -127,8 +127,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def default_workers(world_size_on_node: int = 1) -> int:
-    """This rank's share of the CPU cores it may use (cores / ranks on the node, at least 1)."""
+def default_workers(world_size_on_node: int | None = None) -> int:
+    """This rank's share of the CPU cores it may use (cores / ranks on the node, at least 1): the DALI
+    threads or DataLoader workers of a loader built with ``num_workers=None``.
+
+    The ranks on the node default to torchrun's ``LOCAL_WORLD_SIZE`` (1 without torchrun): torchrun's
+    processes share one CPU affinity, and every rank taking all of it would oversubscribe the cores
+    N-fold and multiply the DALI decoder's per-thread buffers by N. A launcher that pins each rank to
+    its own cores already gives it its share: pass ``num_workers`` there.
+    """
+    if world_size_on_node is None:
+        text = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        try:
+            world_size_on_node = int(text)
+        except ValueError:
+            raise ValueError(f"LOCAL_WORLD_SIZE={text!r} is not a number of processes") from None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cpus // max(world_size_on_node, 1))
 

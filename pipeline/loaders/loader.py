@@ -26,7 +26,7 @@ from effnetv2.pipeline.format.shards import ShardSet
 from . import forks
 from .backend import AugmentSpec, make_backend, resolve_backend
 from .geometry import AREA
-from .mix import MixConfig, mix_batch
+from .mix import MixConfig, mix_batch, to_device
 from .sampler import SampleTable, epoch_order, steps_per_epoch
 
 
@@ -63,12 +63,7 @@ class _Loader:
         return steps_per_epoch(len(self.table), self.world_size, self.spec.batch_size, self.drop_last)
 
     def _images(self, u8: torch.Tensor) -> torch.Tensor:
-        device = self.spec.device
-        if u8.device != device:
-            if device.type == "cuda" and u8.device.type == "cpu" and not u8.is_pinned():
-                u8 = u8.pin_memory()
-            u8 = u8.to(device, non_blocking=True)
-        u8 = u8.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW = channels_last
+        u8 = to_device(u8, self.spec.device).permute(0, 3, 1, 2)  # NHWC memory seen as NCHW = channels_last
         # (x - 128) / 128 as x * 2^-7 - 1: two passes over a fresh buffer instead of three, exact in
         # fp32 and bf16 (k/128 for |k| <= 255 needs 8 significant bits).
         x = torch.empty_like(u8, dtype=self.spec.dtype, memory_format=torch.channels_last)
@@ -84,8 +79,8 @@ class _Loader:
                              f"0..{self.spec.num_classes - 1}; pass the right num_classes")
         device = self.spec.device
         t = torch.zeros(len(labels), self.spec.num_classes, device=device)
-        index = torch.tensor([rows, cols], dtype=torch.int64).to(device, non_blocking=True)
-        t.index_put_((index[0], index[1]), torch.tensor(vals).to(device, non_blocking=True))
+        index = to_device(torch.tensor([rows, cols], dtype=torch.int64), device)
+        t.index_put_((index[0], index[1]), to_device(torch.tensor(vals), device))
         return t
 
     def _bad_rows(self, ids: np.ndarray, labels: list[tuple[int, ...]]) -> list[int]:
@@ -191,7 +186,7 @@ class EvalLoader(_Loader):
             bad = self._bad_rows(ids[ok], [lab for lab, v in zip(labels, ok) if v])
             ok[np.flatnonzero(ok)[bad]] = False
             labels = [lab if v else () for lab, v in zip(labels, ok)]
-            mask = torch.from_numpy(ok).to(self.spec.device, non_blocking=True)
+            mask = to_device(torch.from_numpy(ok), self.spec.device)
             yield self._images(u8), self._targets(labels, normalise=False), mask
 
 
@@ -234,7 +229,8 @@ def build_train_loader(shards: ShardsArg, batch_size: int, image_size: int, rand
 
     ``shards``: a shard-set directory (or :class:`ShardSet`) and ``split``, or a list of tar files
     (then ``num_classes`` is required). ``randaug_magnitude=None`` turns RandAugment off.
-    ``num_workers``: DALI threads or DataLoader workers (default: the CPUs this process may use).
+    ``num_workers``: DALI threads or DataLoader workers (default: this rank's share of the cores,
+    :func:`.backend.default_workers`).
     ``crop_area``: the random-resized-crop area range (official 0.05-1; small, centred images such as
     Fashion-MNIST keep more of the object with a larger lower bound).
     ``augment``: ``"randaugment"`` (random-resized crop, flip, RandAugment: training from scratch) or

@@ -36,8 +36,19 @@ def _lam(rng: np.random.Generator, alpha: float, n: int) -> np.ndarray:
     return np.maximum(lam, 1.0 - lam)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (mix parameters here; images, labels and masks in the loader) on ``device``
+    without blocking the host: a copy to CUDA goes from pinned memory, because a ``non_blocking`` copy
+    from pageable memory is a synchronous one. ``t`` itself when it is on ``device`` already."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _to(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(like.device, non_blocking=True)
+    return to_device(torch.from_numpy(np.ascontiguousarray(x, np.float32)), like.device)
 
 
 def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float, rng: np.random.Generator):

@@ -65,7 +65,14 @@ def init(device: str = "auto") -> DistInfo:
 
 def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.Module:
     """DDP around ``model`` when there is more than one rank. SyncBN swaps the BN children of ``model``
-    in place (new parameters), so build the optimizer and the EMA from ``model`` after this call."""
+    in place (new parameters), so build the optimizer and the EMA from ``model`` after this call.
+
+    On CUDA, DDP is constructed inside :func:`~effnetv2.recipes.engine.step.step_stream`: on the
+    stream every training step runs on, eager or captured, with or without CUDA graphs (see
+    :mod:`effnetv2.recipes.engine.step`), so that its construction work and every step's hooks,
+    allreduce and wait for it are ordered on one stream and the optimizer never reads a gradient
+    before its allreduce has landed.
+    """
     if not info.enabled:
         return model
     if sync_bn:
@@ -74,15 +81,11 @@ def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.Modul
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN children in place
     if info.device.type != "cuda":
         return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-    from .step import capture_stream
+    from .step import step_stream
 
-    side = capture_stream(info.device)  # built on the stream that later captures the whole step
-    side.wait_stream(torch.cuda.current_stream(info.device))
-    with torch.cuda.stream(side):
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index],
-                                                  gradient_as_bucket_view=True)
-    torch.cuda.current_stream(info.device).wait_stream(side)
-    return ddp
+    with step_stream(info.device):
+        return nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index],
+                                                   gradient_as_bucket_view=True)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,35 @@ updated in place, and nothing in the step reads a value back to the host. So on 
 is captured once per stage shape in a ``torch.cuda.CUDAGraph`` and replayed, the loader's batch being
 copied into static input buffers; on CPU the same :meth:`TrainStep._compute` runs eagerly.
 
-Capture protocol (per stage): the first ``warmup_steps`` batches of a stage run eagerly on the side
-stream that the capture then uses (lazy cuDNN/cuBLAS handles are per stream; autocast, DDP buckets
-(>= 11 iterations), cuDNN autotuning and ``torch.compile`` settle here). These are real training
-steps on real batches, so the weights, optimizer state and BN statistics they change are the correct
-training updates and nothing has to be restored (warm-up on dummy data would have to restore them).
-The next batch is captured and replayed. Capture uses ``capture_error_mode="thread_local"``: the
-loader's own threads (DALI, the pin-memory thread) keep issuing CUDA calls meanwhile, which the
-default global mode would reject. :meth:`release` drops the graph, its memory pool and the static
-buffers at a stage switch.
+One stream per device (:func:`capture_stream`). On CUDA every step that Python runs (eager with
+``cuda_graph=False``, the warm-up, the capture) runs on that side stream, entered through
+:func:`step_stream` (the side stream waits for the current one before, the current one for it after),
+and DDP is built there too (:func:`~effnetv2.recipes.engine.distributed.wrap`): DDP makes the
+gradient-accumulator nodes that carry its hooks at construction, and autograd runs a node on the stream
+that was current when it was made, so its hooks, allreduce and the wait for it share the step's stream,
+with or without graphs. Replays are launched on the current stream.
+
+Capture protocol (per stage): the first batches of a stage run eagerly on the side stream (lazy
+cuDNN/cuBLAS handles are per stream; autocast, DDP buckets (>= 11 iterations), cuDNN autotuning and
+``torch.compile`` settle here). These are real training steps on real batches, so the weights,
+optimizer state and BN statistics they change are the correct training updates and nothing has to be
+restored (warm-up on dummy data would have to restore them). The next batch is captured and replayed.
+Capture uses ``capture_error_mode="thread_local"``: the loader's own threads (DALI, the pin-memory
+thread) keep issuing CUDA calls meanwhile, which the default global mode would reject. :meth:`release`
+drops the graph, its memory pool and the static buffers at a stage switch.
+
+DDP's runtime statistics: the reducer records CUDA timing events during the iterations it samples
+(1-10 and every 100th forward with grad) and reads them back at the next forward (c10d's
+``Reducer::should_collect_runtime_stats``, ``Logger::set_runtime_stats_and_log``). Inside a capture
+that breaks the capture or the next stage's first step, and the count only advances on Python-level
+steps (replays skip DDP's Python), so with many stages (``random-resize``: 35) a capture would meet a
+sampled iteration; under DDP each stage's warm-up is lengthened by :func:`eager_steps_before_capture`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +83,49 @@ _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream per device on which DDP is built, warm-up runs and graphs are captured
-    (DDP's gradient hooks remember the stream they were set up on)."""
+    """The one side stream per device on which DDP is built and every Python-level step runs (eager,
+    warm-up, capture); see the module docstring."""
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
+
+
+@contextmanager
+def step_stream(device: torch.device) -> Iterator[None]:
+    """Run the enclosed work on :func:`capture_stream`, ordered after everything already queued on the
+    current stream and before everything queued on it later (``wait_stream`` both ways; no host
+    sync). A no-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    side, current = capture_stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+DDP_STATS_FIRST = 10  # DDP samples its runtime statistics on iterations 1..10 ...
+DDP_STATS_EVERY = 100  # ... and every 100th (kDDPRuntimeLoggingSampleRate in c10d's reducer.hpp)
+
+
+def ddp_samples_stats(iteration: int, every: int = DDP_STATS_EVERY) -> bool:
+    """Whether DDP's reducer records timing events during its ``iteration``-th forward + backward (counted
+    from 1, one per forward with grad), and reads them back at the start of the next one."""
+    return iteration > 0 and (iteration <= DDP_STATS_FIRST or iteration % every == 0)
+
+
+def eager_steps_before_capture(done: int, minimum: int, every: int = DDP_STATS_EVERY) -> int:
+    """Eager steps to run before capturing, when DDP has seen ``done`` forwards so far: at least
+    ``minimum``, and more where needed so that the captured forward (number ``done + e + 1``) records no
+    timing event and the one before it (``done + e``) leaves none to read back during the capture.
+    Needs ``every >= 3`` (two unsampled iterations in a row)."""
+    if every < 3:
+        raise ValueError(f"DDP statistics sampled every {every} iterations leave no two unsampled in a row")
+    eager = minimum
+    while ddp_samples_stats(done + eager, every) or ddp_samples_stats(done + eager + 1, every):
+        eager += 1
+    return eager
 
 
 class LossScaler:
@@ -105,8 +160,10 @@ class LossScaler:
 class TrainStep:
     """``step(images, targets)`` trains on one batch; ``read_stats()`` syncs once to report.
 
-    ``model`` is what the forward calls (possibly DDP-wrapped or compiled); ``module`` is the plain
-    model whose parameters the optimizer and the EMA hold.
+    ``model`` is what the forward calls (possibly DDP-wrapped; compiled here with ``compile``);
+    ``module`` is the plain model whose parameters the optimizer and the EMA hold. ``warmup_steps``:
+    eager steps per stage before the capture (under DDP at least this many, see
+    :func:`eager_steps_before_capture`).
     """
 
     def __init__(self, model: nn.Module, module: nn.Module, optimizer: RMSpropTF, ema: EMA,
@@ -114,6 +171,7 @@ class TrainStep:
                  amp_dtype: torch.dtype | None = None, cuda_graph: bool = True, warmup_steps: int = 3,
                  compile: bool = False) -> None:
         self.device = next(module.parameters()).device
+        self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.model = torch.compile(model) if compile else model
         self.module, self.optimizer, self.ema, self.schedule = module, optimizer, ema, schedule
         self.label_smoothing, self.loss_kind, self.amp_dtype = label_smoothing, loss, amp_dtype
@@ -128,12 +186,14 @@ class TrainStep:
         self.lr = torch.zeros((), dtype=torch.float32, **dev)  # LR of the last step
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._eager_left = warmup_steps
+        self._eager_left: int | None = None  # eager steps before this stage's capture; None: not planned yet
+        self.forwards = 0  # Python-level runs of the step (eager and captures): DDP's iteration count
         self.captures = 0  # graphs captured so far (one per stage shape): proof that graphs ran
-        self._side = capture_stream(self.device) if self.cuda_graph else None
+        self._side = capture_stream(self.device) if self.device.type == "cuda" else None
 
     def _compute(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """The step itself; runs eagerly or is recorded into the graph, unchanged."""
+        self.forwards += 1
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.schedule(self.step)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
@@ -157,21 +217,22 @@ class TrainStep:
         self.ema.update(self.module, self.step)  # TF: num_updates is the step counter after the update
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        if not self.cuda_graph:
-            self._compute(images, targets)
-        elif self._graph is not None:
+        if self._graph is not None:
             self._static[0].copy_(images, non_blocking=True)
             self._static[1].copy_(targets, non_blocking=True)
             self._graph.replay()
-        elif self._eager_left > 0:
+            return
+        if self.cuda_graph:
+            if self._eager_left is None:  # the stage's first step
+                self._eager_left = (eager_steps_before_capture(self.forwards, self.warmup_steps) if self.ddp
+                                    else self.warmup_steps)
+            if self._eager_left == 0:
+                self._capture(images, targets)
+                self._graph.replay()
+                return
             self._eager_left -= 1
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._side):
-                self._compute(images, targets)
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
-        else:
-            self._capture(images, targets)
-            self._graph.replay()
+        with step_stream(self.device):
+            self._compute(images, targets)
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         self._static = (images.clone(), targets.clone())  # clone keeps channels_last strides
@@ -199,7 +260,7 @@ class TrainStep:
         if self._graph is not None:
             self._graph.reset()
         self._graph = None
-        self._eager_left = self.warmup_steps
+        self._eager_left = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

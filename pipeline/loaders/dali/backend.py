@@ -177,6 +177,20 @@ def _contiguous(node):
 
 
 # -- the graph --------------------------------------------------------------------------------------
+# nvJPEG's buffers in the ``mixed`` decoder, preallocated per DALI thread (one device buffer, two pinned
+# host buffers for double buffering); an image that does not fit makes nvJPEG reallocate, which is slow
+# but correct, so these are sized for the images we shard, not for the worst one. Device: a decoded RGB
+# image of up to 5.5 MPix (2048 x 2048 x 3 = 12 MiB fits: ImageNet-sized photos, or any set sharded
+# with --max-side 2048 or less). Host: nvJPEG's pinned staging for its host (Huffman) stage, which needs
+# less than the decoded image; DALI's default 8 MiB. Per node that is threads x (16 MiB of GPU memory +
+# 16 MiB pinned), and the threads are the cores shared among the node's ranks
+# (loaders.backend.default_workers), so the total no longer grows with the GPU count: 224 cores on 8
+# GPUs give 448 MiB per GPU and 3.5 GiB pinned per node, where 64/16 MiB with every rank taking all 224
+# cores made 14 GiB per GPU and 56 GiB pinned.
+DECODER_DEVICE_PADDING = 16 << 20
+DECODER_HOST_PADDING = 8 << 20
+
+
 def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device: str,
             finetune: bool = False):
     """The augmentation graph: ROI decode of the crop window; one bilinear warp that resizes it to
@@ -186,8 +200,9 @@ def augment(jpegs, p: dict, *, image_size: int, layers: int, train: bool, device
     bilinear ``warp_perspective`` (it carries the flip, and costs a third of DALI's CPU ``resize``)."""
     from nvidia.dali import fn, types
 
-    decoder = {"device": "mixed", "device_memory_padding": 64 << 20, "host_memory_padding": 16 << 20,
-               "hw_decoder_load": 0.75} if device == "gpu" else {"device": "cpu"}
+    decoder = {"device": "mixed", "device_memory_padding": DECODER_DEVICE_PADDING,
+               "host_memory_padding": DECODER_HOST_PADDING, "hw_decoder_load": 0.75} if device == "gpu" \
+        else {"device": "cpu"}
     x = fn.decoders.image_slice(jpegs, p["crop_a"], p["crop_s"], output_type=types.RGB,
                                 adjust_orientation=False, **decoder)
     x = randaugment_dali.warp(x, p["resize"], nearest=False, size=image_size)
@@ -277,8 +292,9 @@ class DaliBackend:
         done = False
         try:
             while True:
+                stream = self._stream()
                 try:
-                    (out,) = pipe.run()
+                    (out,) = pipe.run(stream)
                 except StopIteration:
                     done = True
                     return
@@ -290,7 +306,7 @@ class DaliBackend:
                     self.source.start(order, batch_size, epoch, step)
                     continue
                 _, labels = self.source.pending.popleft()
-                yield self._to_torch(out), labels
+                yield self._to_torch(out, stream), labels
         finally:
             if forks.owned(self._pid):  # a generator collected in a forked child: DALI's threads are not there
                 self._rewind(pipe, drain=not done)
@@ -326,13 +342,23 @@ class DaliBackend:
             if getattr(pipe, "_pipe", None) is not None:  # DALI sets it to None when torn down
                 raise
 
-    def _to_torch(self, out) -> torch.Tensor:
+    def _stream(self):
+        """Torch's current stream on the pipeline's GPU (None on the CPU). Given to ``pipe.run``, it makes
+        DALI's outputs stream-ordered: that stream waits for DALI's work on the GPU, the host does not.
+        Without it the outputs are host-ordered, and the non-blocking copy below then makes the host
+        wait for the copy, i.e. for everything already queued on torch's stream (the previous training
+        steps): the CPU could never run ahead of the GPU."""
+        return torch.cuda.current_stream(self.cfg.device_id) if self.cfg.on_gpu else None
+
+    def _to_torch(self, out, stream) -> torch.Tensor:
+        """The batch as a torch tensor: on the GPU a copy into torch's memory, queued on ``stream``
+        after DALI's work (``out`` is bound to it); on the CPU a view of DALI's array."""
         if self.cfg.on_gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()
             dst = torch.empty(t.shape(), dtype=torch.uint8, device=torch.device("cuda", self.cfg.device_id))
-            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dst.device))
+            feed_ndarray(t, dst, cuda_stream=stream)
             return dst
         return torch.from_numpy(out.as_array())
 
