@@ -14,10 +14,11 @@ from .space import (
     SearchSpace,
     StageChoice,
     architecture_id,
+    describe,
     operator_name,
     stage_table,
 )
 
 __all__ = ["DEFAULT_BACKBONE", "V_PARAMS", "W_STEP_TIME", "Candidate", "Compound", "Member", "SearchSpace",
-           "StageChoice", "architecture_id", "measure", "operator_name", "pareto_front", "reward",
+           "StageChoice", "architecture_id", "describe", "measure", "operator_name", "pareto_front", "reward",
            "scale_config", "scale_family", "stage_table"]

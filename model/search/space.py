@@ -51,6 +51,11 @@ def operator_name(spec: StageSpec) -> str:
     return f"{op}{spec.expand} k{spec.kernel}x{spec.kernel}{se}"
 
 
+def describe(cfg: ModelConfig) -> str:
+    """Any network's stages on one line in the notation of the paper's Table 4 (see Candidate.describe)."""
+    return " | ".join(f"{operator_name(s)} x{s.repeats}" for s in cfg.scaled_stages())
+
+
 def stage_table(cfg: ModelConfig) -> str:
     """The resolved stage table of ``cfg`` as the paper prints it (Stage, Operator, Stride, #Channels, #Layers)."""
     rows = [f"{'stage':>5}  {'operator':<24}{'stride':>6}  {'channels':>8}  {'layers':>6}",
@@ -97,7 +102,7 @@ class Candidate:
 
     def describe(self) -> str:
         """One line in the notation of the paper's Table 4: ``Fused-MBConv1 k3x3 x2 | MBConv4 k3x3 SE0.25 x4``."""
-        return " | ".join(f"{operator_name(s)} x{s.repeats}" for s in self.stages())
+        return describe(self.to_config())
 
     def to_dict(self) -> dict:
         """The choices, JSON-ready (for a results file line); ``SearchSpace.from_dict`` reads them back."""
