@@ -1,6 +1,6 @@
 """``effnetv2 search``: the training-aware architecture search of paper §3.3 on the machine at hand.
 
-    effnetv2 search --samples 12 --epochs 0.5            # around the demo model, on the demo's data
+    effnetv2 search                                      # 20 samples around the demo model, 0.5 epochs each
     effnetv2 search --backbone runs/search/best.json --out runs/search2 --rank-check 3
 
 Every candidate trains with a recipe's config (default ``demo``: its data, batch, optimiser, schedule)
@@ -25,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="shard set folder (default: the recipe's, made by its prepare step if missing)")
     p.add_argument("--out", default="runs/search", help="search folder: results.jsonl, top.md, search.png, "
                    "best.json, candidates/ (default runs/search)")
-    p.add_argument("--samples", type=int, default=8, help="random candidates besides the backbone (default 8)")
+    p.add_argument("--samples", type=int, default=20, help="random candidates besides the backbone (default 20; "
+                   "rerun with more to extend the same list)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; also every candidate's training seed")
-    p.add_argument("--epochs", type=float, default=1.0, help="proxy epochs per candidate (default 1)")
+    p.add_argument("--epochs", type=float, default=0.5, help="proxy epochs per candidate (default 0.5)")
     p.add_argument("--image-size", type=int, default=None,
                    help="proxy image size (default: the middle of the recipe's size range)")
     p.add_argument("--w", type=float, default=W_STEP_TIME, help=f"step-time exponent (default {W_STEP_TIME})")

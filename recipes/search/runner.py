@@ -6,14 +6,16 @@ random samples of the space around it (``SearchSpace.samples(N, seed)``: candida
 
 - written as a model config file (``candidates/cNNN-<id>/model.json``) and trained by
   :func:`effnetv2.recipes.engine.trainer.train` from the recipe's config with ``model=`` that file
-  (:func:`proxy_config`): one fixed stage at the proxy size for the proxy epochs, the recipe's weakest
-  regularisation (what Algorithm 1 pairs with small images), the recipe's LR schedule compressed to the
-  proxy length, the same seed for every candidate; A is the EMA's top-1 on the recipe's held-out split
-  at the proxy size. The trainer's own log goes to the candidate's ``train.log``; an interrupted
+  (:func:`proxy_config`): one fixed stage at the proxy size (not the recipe's progressive plan scaled
+  down: one size is what S is measured at, and a short run has no room for stages) for the proxy
+  epochs, with the recipe's weakest regularisation (what Algorithm 1 pairs with small images), its LR
+  schedule compressed to the proxy length and the same seed for every candidate; A is the EMA's top-1
+  on the recipe's held-out split at the proxy size. The trainer's own log goes to the candidate's ``train.log``; an interrupted
   candidate resumes from its checkpoints (``resume=True``; a checkpoint every quarter of a run over
   200 steps, else it restarts);
 - timed (:class:`StepTimer`): the trainer's real step (``bench.step.trainer_step``: the trainer's
-  ``build_model``/``build_schedule``/``build_step``) on synthetic batches at the proxy size and batch,
+  ``build_model``/``build_schedule``/``build_step``, with the in1k recipe's optimiser settings: the
+  step's work does not depend on their values) on synthetic batches at the proxy size and batch,
   on the device the search runs on, with ``bench.timing.measure`` (warm-up, median of repetitions),
   interleaved with the backbone's step in the same call, so S = candidate / backbone compares the two
   under the same load (other jobs on the machine slow both, not the ratio);
@@ -61,9 +63,9 @@ RANK_CHECK = "rank_check.jsonl"
 class SearchOptions:
     """What ``effnetv2 search`` asks for (see its ``--help``)."""
 
-    samples: int = 8
+    samples: int = 20
     seed: int = 0
-    epochs: float = 1.0  # proxy epochs per candidate
+    epochs: float = 0.5  # proxy epochs per candidate
     image_size: int | None = None  # proxy size; None = the middle of the recipe's size range
     w: float = W_STEP_TIME
     v: float = V_PARAMS
@@ -300,12 +302,12 @@ def rank_check(base: TrainConfig, records: list[dict], out: Path, opts: SearchOp
     top = ranked[:opts.rank_check]
     rest = [r for r in ranked if r not in top]
     picked = top + random.Random(f"effnetv2-rank-check:{opts.seed}").sample(rest, min(opts.rank_check, len(rest)))
-    done = {r["index"]: r for r in read_results(out, RANK_CHECK)}
     epochs = opts.epochs * opts.rank_factor
+    done = {r["index"]: r for r in read_results(out, RANK_CHECK) if r.get("epochs") == epochs}
     for r in tqdm(picked, desc=f"rank check ({epochs:g} epochs)", unit="cand", dynamic_ncols=True):
         if r["index"] in done:
             continue
-        folder = out / "rank-check" / f"c{r['index']:03d}-{r['id']}"
+        folder = out / "rank-check" / f"c{r['index']:03d}-{r['id']}-{epochs:g}ep"
         cfg = proxy_config(base, r["model"], folder, epochs=epochs, size=size, seed=opts.seed, steps_per_epoch=spe)
         t0 = time.perf_counter()
         rec = {"index": r["index"], "id": r["id"], "epochs": epochs, "proxy_top1": r["top1"],
