@@ -17,8 +17,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import jpeg_bytes, make_shard_set, random_crops
 from PIL import Image
+from trainer_fixtures import one_thread, photo_shards, tiny_config  # noqa: F401 (autouse: one torch thread)
 
 from effnetv2.pipeline.format.index import index_path
 from effnetv2.pipeline.format.shards import MANIFEST, ShardWriter, read_shard_set, shard_name, write_manifest
@@ -414,3 +416,59 @@ def test_sharder_rejects_the_same_pixel_bomb_whatever_pil_allows(photos, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a caller that turned PIL's own check off
     result = check_image(_claiming(jpeg_bytes(photos[2][:64, :64]), 65500, 65500))
     assert result.data is None and result.reason.startswith("too large: 65500 x 65500 pixels")
+
+
+# -- the trainer meets a bad validation split ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_shards(tmp_path_factory, photos):
+    return photo_shards(tmp_path_factory.mktemp("rel-run"), photos, classes=2, n_train=32, n_val=16)
+
+
+def _small_run(data: Path, out: Path, **changes):
+    return tiny_config(data, out, epochs=2.0, batch_size=8, image_size=(32, 32), randaug=(0.0, 0.0), eval_size=32,
+                       log_every=2, **changes)  # 2 stages of 4 steps
+
+
+def test_bad_eval_index_fails_before_training(run_shards, tmp_path):
+    from effnetv2.recipes.engine.trainer import train
+
+    data = _copy(run_shards, tmp_path / "set")
+    bad = index_path(data / shard_name("val", 0))
+    bad.write_text("v1.2 16\nnot an index\n")
+    with pytest.raises(ValueError, match=f"^{bad}: the header announces 16 samples but 1 lines follow"):
+        train(_small_run(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # failed while the run was built: not a step trained, nothing written
+
+
+def test_failed_evaluation_loses_no_training_and_resume_evaluates_again(run_shards, tmp_path, monkeypatch):
+    from effnetv2.recipes.engine import checkpoint, trainer
+
+    full = trainer.train(_small_run(run_shards, tmp_path / "full"))
+    data = _copy(run_shards, tmp_path / "set")
+    val_index = index_path(data / shard_name("val", 0))
+    good, real = val_index.read_bytes(), trainer.evaluate_ema
+
+    def damaged(run):  # the index goes bad after the run was built and the stage trained
+        val_index.write_text("v1.2 16\n")
+        return real(run)
+
+    monkeypatch.setattr(trainer, "evaluate_ema", damaged)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"^{val_index}: the header announces 16 samples"):
+        trainer.train(_small_run(data, out))
+    saved = checkpoint.load(checkpoint.checkpoint_path(out, 4))  # stage 1's 4 steps are on disk
+    assert saved["step"] == 4 and len(saved["reports"]) == 1 and "top1" not in saved["reports"][0]
+
+    monkeypatch.setattr(trainer, "evaluate_ema", real)
+    val_index.write_bytes(good)
+    resumed = trainer.train(_small_run(data, out, resume=True))
+    assert resumed.resumed_from == checkpoint.checkpoint_path(out, 4) and resumed.step == 8
+    assert [sorted(r) for r in resumed.stages] == [sorted(r) for r in full.stages]  # stage 1 evaluated now
+    for mine, ref in zip(resumed.stages, full.stages):
+        assert (mine["top1"], mine["eval_loss"], mine["loss"]) == (ref["top1"], ref["eval_loss"], ref["loss"])
+    a, b = checkpoint.load(full.checkpoint), checkpoint.load(resumed.checkpoint)
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            assert torch.equal(b[part][key], value), f"{part}.{key}"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in logged if r["event"] == "stage"] == [0, 1]

@@ -135,6 +135,7 @@ def build_run(cfg: TrainConfig, stages: tuple[Stage, ...] | None = None) -> Run:
     """Everything a run needs before its first step; writes nothing. ``stages`` replaces the config's
     plan (a benchmark following another model's plan)."""
     from effnetv2.pipeline.format import read_shard_set
+    from effnetv2.pipeline.loaders.sampler import SampleTable
 
     validate(cfg)
     info = distributed.init(cfg.device)
@@ -146,6 +147,8 @@ def build_run(cfg: TrainConfig, stages: tuple[Stage, ...] | None = None) -> Run:
         torch.set_num_threads(cfg.torch_threads)
     shards = read_shard_set(cfg.data)
     num_classes = cfg.num_classes or shards.num_classes
+    if cfg.eval_split in shards.splits:  # a bad eval index fails now, not after a stage of training
+        SampleTable.from_shards(shards, cfg.eval_split, num_classes)
     stages = stages or build_plan(cfg)
     steps_per_epoch = shards.split(cfg.train_split).num_samples // cfg.batch_size
     if steps_per_epoch < 1:
@@ -186,8 +189,8 @@ def resume(run: Run, out: Path, say: Callable[[str], None]) -> Path | None:
                if k in state["config"] and k not in runtime_keys() and _norm(state["config"][k]) != _norm(now[k])]
     if changed:
         say("note: config differs from the checkpoint's: " + "; ".join(changed))
-    say(f"resumed from {path} at step {run.step} ({len(run.reports)} of {len(run.stages)} stages finished)")
-    if len(run.reports) == len(run.stages):
+    say(f"resumed from {path} at step {run.step} ({_evaluated(run.reports)} of {len(run.stages)} stages finished)")
+    if _evaluated(run.reports) == len(run.stages):
         say(f"nothing left to train: the run in {out} is complete")
     return Path(path)
 
@@ -333,25 +336,29 @@ def train(cfg: TrainConfig) -> RunResult:
     loader, backend = None, ""
     try:
         for stage, (first, end) in zip(run.stages, run.bounds):
-            if stage.index < len(run.reports):
+            if stage.index < _evaluated(run.reports):
                 continue  # trained and evaluated before the resume
-            t_setup = time.perf_counter()
-            loader = open_stage(run, stage)
-            backend = loader.backend_name
-            setup_s = time.perf_counter() - t_setup
-            bar.set_description(f"stage {stage.index + 1}/{len(run.stages)} {stage.image_size}px")
-            progress = train_stage(run, stage, loader, end, out=out, log=log, bar=bar)
-            ckpt_path = progress.checkpoint or ckpt_path
-            close_stage(run, loader)
-            loader = None
-            if progress.stopped:
-                say(f"stopped at step {run.step} (stop_at); resume with --resume")
-                return _result(run, out, ckpt_path, resumed, backend, finished=False)
-            report = stage_report(run, stage, first, end, progress, setup_s, evaluate_ema(run))
-            run.reports.append(report)
+            if stage.index == len(run.reports):  # else trained before the resume, its evaluation failed
+                t_setup = time.perf_counter()
+                loader = open_stage(run, stage)
+                backend = loader.backend_name
+                setup_s = time.perf_counter() - t_setup
+                bar.set_description(f"stage {stage.index + 1}/{len(run.stages)} {stage.image_size}px")
+                progress = train_stage(run, stage, loader, end, out=out, log=log, bar=bar)
+                ckpt_path = progress.checkpoint or ckpt_path
+                close_stage(run, loader)
+                loader = None
+                if progress.stopped:
+                    say(f"stopped at step {run.step} (stop_at); resume with --resume")
+                    return _result(run, out, ckpt_path, resumed, backend, finished=False)
+                run.reports.append({**stage_report(run, stage, first, end, progress, setup_s, {}), _PENDING: True})
+                ckpt_path = save(run, out, stage.index) or ckpt_path  # no evaluation failure loses the stage
+            report = run.reports[stage.index]
+            report.update(evaluate_ema(run))
+            del report[_PENDING]
+            ckpt_path = save(run, out, stage.index) or ckpt_path
             log.write(dict(event="stage", step=run.step, **report))
             say(format_report(report, len(run.stages)))
-            ckpt_path = save(run, out, stage.index) or ckpt_path
     finally:
         if loader is not None:  # an exception mid-stage: free workers, pipeline and graph before leaving
             close_stage(run, loader)
@@ -392,6 +399,14 @@ def _check_finite_weights(model: nn.Module, ema: EMA, step: int) -> None:
     if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         raise NonFiniteLoss(f"weights or BN statistics became non-finite by step {step}; "
                             f"stopped without writing a checkpoint")
+
+
+_PENDING = "evaluation_pending"  # in the report of a stage checkpointed before its evaluation
+
+
+def _evaluated(reports: list[dict]) -> int:
+    """Stages trained and evaluated (the last report may await its evaluation: a resume redoes it)."""
+    return sum(_PENDING not in r for r in reports)
 
 
 def _norm(v):
