@@ -222,3 +222,85 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         export_model(model, "safetensors", out, meta=ExportMeta(classes=CLASSES))
     assert (out.read_bytes(), good.sidecar.read_bytes()) == before
     assert sorted(q.name for q in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.json"]
+
+
+# -- the command: effnetv2 export CKPT_OR_RUN --format ... --out FILE ------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, photos):
+    """Two steps of the trainer (its checkpoint, config.json and classes.json): what the command reads."""
+    from trainer_fixtures import photo_shards, tiny_config
+
+    from effnetv2.recipes.engine.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export-run")
+    shards = photo_shards(root / "shards", photos, classes=2, n_train=16, n_val=8)
+    result = train(tiny_config(shards, root / "run", stop_at=2))
+    torch.set_num_threads(threads)
+    return result
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from effnetv2.recipes.cli.main import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_command_round_trips_through_load_weights(short_run, photos, tmp_path, capsys):
+    from effnetv2.recipes.engine import checkpoint
+    from effnetv2.recipes.inference.run import load_run
+
+    run = short_run.out
+    code, out, err = _cli(capsys, "export", run, "--format", "safetensors", "--out", tmp_path / "m.safetensors")
+    assert code == 0 and err == "", err
+    assert out.startswith(f"wrote {tmp_path / 'm.safetensors'} (safetensors, efficientnetv2-demo, 2 classes)")
+    info = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert info["classes"] == ["c0", "c1"]  # the run's classes.json
+    assert info["preprocess"]["image_size"] == 40 and info["preprocess"]["crop_ratio"] == 40 / 72  # its eval
+    assert info["source"] == f"{short_run.checkpoint} (ema weights, step 2)"
+    model = load_run(run).model.to(memory_format=torch.contiguous_format)  # the trainer's is channels_last
+    fresh = create_model(config_from_dict(info["config"]), info["num_classes"], tf_padding=info["tf_padding"],
+                         bn_eps=info["bn_eps"]).eval()
+    load_weights(fresh, tmp_path / "m.safetensors")
+    x = _batch(photos, info)
+    assert torch.equal(_outputs(fresh, x), _outputs(model, x))
+    # --weights model: the raw weights of the checkpoint
+    code, _, err = _cli(capsys, "export", short_run.checkpoint, "--format", "safetensors", "--weights", "model",
+                        "--out", tmp_path / "raw.safetensors")
+    assert code == 0, err
+    load_weights(fresh, tmp_path / "raw.safetensors")
+    raw = checkpoint.load(short_run.checkpoint)["model"]
+    assert all(torch.equal(v, raw[k]) for k, v in fresh.state_dict().items())
+    assert any(not torch.equal(v, raw[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+
+
+def test_export_command_onnx_matches_in_onnxruntime(short_run, photos, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (dev extra)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed: torch's ONNX exporter needs it")
+    from effnetv2.recipes.inference.run import load_run
+
+    code, out, err = _cli(capsys, "export", short_run.out, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    info = json.loads((tmp_path / "m.onnx.json").read_text())
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = _batch(photos, info)
+    (got,) = session.run([export.OUTPUT_NAME], {export.INPUT_NAME: x.numpy()})
+    assert np.abs(got - _outputs(load_run(short_run.out).model, x).numpy()).max() <= TOL
+
+
+def test_export_command_refuses_in_one_line(short_run, tmp_path, capsys):
+    code, out, err = _cli(capsys, "export", short_run.out, "--format", "timm", "--out", tmp_path / "t.safetensors")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("effnetv2 export: efficientnetv2-demo is not an official EfficientNetV2 architecture")
+    code, _, err = _cli(capsys, "export", tmp_path / "no-run", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert code == 1 and err == f"effnetv2 export: {tmp_path / 'no-run'}: no such checkpoint or run folder\n"
+    code, _, err = _cli(capsys, "export", short_run.out, "--format", "onnx")
+    assert code == 2 and "the following arguments are required: --out" in err
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("effnetv2.recipes.cli.train", "run a training recipe (demo, in1k, in21k-pretrain, ...)"),
     "bench": ("effnetv2.bench.cli", "measure imgs/sec: loader, step, end to end, sharding"),
     "doctor": ("effnetv2.recipes.cli.doctor", "report what this machine can run"),
+    "eval": ("effnetv2.recipes.cli.eval", "score a trained run on a shard set (top-1/5, mAP, per class)"),
+    "predict": ("effnetv2.recipes.cli.predict", "top classes of image files from a trained run"),
+    "export": ("effnetv2.recipes.cli.export", "export a trained run: timm, safetensors, ONNX, TorchScript"),
+    "search": ("effnetv2.recipes.cli.search", "training-aware architecture search (paper §3.3) on this machine"),
+    "scale": ("effnetv2.recipes.cli.scale", "grow a base network into a family (compound scaling, V2 rules)"),
 }
 
 
