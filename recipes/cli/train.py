@@ -76,7 +76,7 @@ def clear_run(out: Path) -> None:
     """Remove what a training run writes in ``out`` (checkpoints, metrics, config, TensorBoard)."""
     for path in checkpoint.list_checkpoints(out):
         path.unlink(missing_ok=True)
-    for name in ("metrics.jsonl", "config.json"):
+    for name in ("metrics.jsonl", "config.json", "classes.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
 

@@ -56,7 +56,8 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "unusable"
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+        first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""  # torch's run to a page
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an effnetv2 checkpoint (format {FORMAT} expected)")
     missing = [k for k in REQUIRED if k not in state]
