@@ -8,11 +8,12 @@ was *not* measured instead of guessing.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from effnetv2.pipeline.format import atomic
 
 from .timing import Timing
 
@@ -147,7 +148,8 @@ def chart(report: Report, path: Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -164,7 +166,7 @@ def publish(report: Report, out: Path | str = DEFAULT_OUT, *, quiet: bool = Fals
         n += 1
         stem = f"{base}-{n}"
     paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    atomic.write_json(paths["json"], report.to_dict())
     chart(report, paths["png"])
     if not quiet:
         print(table(report))

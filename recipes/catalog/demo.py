@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from effnetv2.pipeline.format import atomic
 from effnetv2.recipes.engine.config import TrainConfig
 
 DATA = "data/fashion-mnist"
@@ -105,7 +106,8 @@ def plot_run(out: Path) -> Path:
     fig.suptitle("effnetv2 demo: progressive learning on Fashion-MNIST")
     fig.tight_layout()
     path = out / "demo.png"
-    fig.savefig(path, dpi=100)
+    with atomic.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 
