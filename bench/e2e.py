@@ -15,6 +15,12 @@ a GPU: >= 3x). The stage switch (close the old loader and release the step's gra
 loader, first batch, the first step at the new size: with CUDA graphs the step's eager warm-up and
 capture, with ``torch.compile`` the recompilation) is timed per stage and reported in seconds.
 
+With ``--batch-plan memory --memory SIZE`` the same run also builds the trainer with every stage's batch
+planned for SIZE per device (``batch_plan=memory``, :mod:`effnetv2.recipes.engine.batch_plan`) and, per
+stage, times ``trainer + loader`` and ``trainer + synthetic`` at the planned batch right after the fixed
+batch's series: rows ``... (planned batch)`` and the ratios planned / fixed. Both trainers live in the
+process, so on a GPU give a SIZE that leaves room for the fixed one (``auto`` would count it as free).
+
 Default on a CPU: efficientnetv2-b0's plan at batch 32 (S does ~3 img/s at 300 px on 2 cores); on a
 GPU: efficientnetv2-s at batch 128, bf16, CUDA graphs.
 """
@@ -28,12 +34,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from effnetv2.pipeline.loaders.backend import ALIASES, BACKENDS
+from effnetv2.recipes.engine.plan import BATCH_PLANS
 from effnetv2.recipes.engine.step import AMP
 
 from .report import Report, Row
 from .timing import measure
 
 SERIES = ("trainer + loader", "trainer + synthetic", "loader alone")
+PLANNED = ("trainer + loader (planned batch)", "trainer + synthetic (planned batch)")
 
 
 def bench_config(shards: Path, model_name: str, *, batch_size: int, device: str, backend: str, amp: str,
@@ -53,9 +61,13 @@ def bench_config(shards: Path, model_name: str, *, batch_size: int, device: str,
 def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str, backend: str = "auto",
                   amp: str = "auto", mode: str = "eager", num_stages: int = 4, image_size: tuple[int, int] | None = None,
                   warmup: int = 2, reps: int = 3, per_rep: int = 2, workers: int | None = None,
-                  seed: int = 0, plan_of: str | None = None) -> Report:
+                  seed: int = 0, plan_of: str | None = None, batch_plan: str = "fixed", memory: str = "auto",
+                  max_batch: int = 0) -> Report:
     """``plan_of``: the model whose official plan sets the stages (default ``model_name``; the demo
-    model has none); ``image_size`` replaces the plan's (lo, hi) sizes."""
+    model has none); ``image_size`` replaces the plan's (lo, hi) sizes. ``batch_plan="memory"`` adds the
+    planned-batch series (``memory``: budget per device, ``max_batch``: global cap)."""
+    import dataclasses
+
     import torch
 
     from effnetv2.recipes.engine.plan import make_plan
@@ -66,16 +78,25 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
     cfg = bench_config(shards, model_name, batch_size=batch_size, device=device, backend=backend, amp=amp,
                        mode=mode, workers=workers, seed=seed)
     run = build_run(cfg, stages)
+    planned = None
+    if batch_plan == "memory":
+        planned = build_run(dataclasses.replace(cfg, batch_plan="memory", memory=memory, max_batch=max_batch), stages)
     step_fn = run.step_fn
-    report = Report("e2e", f"{model_name} trainer imgs/s per stage, batch {batch_size}, {device}, "
+    vs = f" vs planned for {memory} per device" if planned else ""
+    report = Report("e2e", f"{model_name} trainer imgs/s per stage, batch {batch_size}{vs}, {device}, "
                            f"amp {step_fn.amp_dtype}, {mode}")
     report.config = {"shards": str(shards), "model": model_name, "plan_of": plan_of or model_name,
                      "batch_size": batch_size, "device": device, "backend": backend, "amp": str(step_fn.amp_dtype),
                      "mode": mode, "cuda_graph": step_fn.cuda_graph, "warmup_steps": warmup, "reps": reps,
-                     "steps_per_rep": per_rep, "workers": workers, "stages": [asdict(s) for s in stages]}
+                     "steps_per_rep": per_rep, "workers": workers, "stages": [asdict(s) for s in stages],
+                     "batch_plan": batch_plan}
+    if planned:
+        report.config.update(memory=memory, max_batch=max_batch, budget_bytes=planned.budget,
+                             planned_batches=[s.batch_size for s in planned.stages],
+                             predicted_bytes=[m.total(s.local_batch) for m, s in zip(planned.memory, planned.spans)])
     sync = torch.cuda.synchronize if run.info.device.type == "cuda" else (lambda: None)
     drain = 2 * (workers or len(os.sched_getaffinity(0))) + 4
-    switches, loader, position = [], None, 0
+    switches, loader = [], None
     try:
         for stage in stages:
             # -- the stage switch, timed as the trainer meets it
@@ -86,7 +107,8 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
             t_closed = time.perf_counter()
             loader = open_stage(run, stage)
             t_built = time.perf_counter()
-            batches = stage_batches(loader, position, 1 << 62, len(loader))
+            span = run.spans[stage.index]
+            batches = stage_batches(loader, span, span.first, 1 << 62)
             images, targets = next(batches)
             sync()
             t_first = time.perf_counter()
@@ -108,7 +130,11 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
             report.add_ratio("loader cost: real / synthetic", point, SERIES[0], SERIES[1])
             report.add_ratio("loader headroom: loader alone / synthetic", point, SERIES[2], SERIES[1])
             batches.close()
-            position += 1 + 2 * (drain + warmup + reps * per_rep)  # the next stage reads on from here
+            if planned:
+                close_stage(run, loader)  # one loader's workers at a time
+                loader = None
+                _planned_series(report, planned, stage, point, sync, drain, warmup=warmup, reps=reps,
+                                per_rep=per_rep)
     finally:
         close_stage(run, loader)
     report.extra["stage_switch"] = switches
@@ -116,6 +142,42 @@ def run_e2e_bench(shards: Path, model_name: str, *, batch_size: int, device: str
                      f"{s['close_previous_s']:.2f} + build loader {s['build_loader_s']:.2f} + first batch "
                      f"{s['first_batch_s']:.2f} + first step(s) {s['step_warmup_s']:.2f}" for s in switches]
     return report
+
+
+def _planned_series(report: Report, run, stage, point: str, sync, drain: int, **timing_args) -> None:
+    """The stage at its planned batch: trainer + loader and trainer + synthetic, and the ratios to the fixed
+    batch's rows at ``point``."""
+    from effnetv2.recipes.engine.trainer import close_stage, open_stage, stage_batches
+
+    span = run.spans[stage.index]
+    loader = open_stage(run, stage)
+    try:
+        batches = stage_batches(loader, span, span.first, 1 << 62)
+        fixed = tuple(t.clone() for t in next(batches))
+        for _ in range(run.step_fn.warmup_steps + 1 if run.step_fn.cuda_graph else 1):
+            run.step_fn(*fixed)
+
+        def real() -> int:
+            run.step_fn(*next(batches))
+            return span.batch
+
+        def synthetic() -> int:
+            run.step_fn(*fixed)
+            return span.batch
+
+        for _ in range(drain):
+            next(batches)
+        timings = {PLANNED[0]: measure({PLANNED[0]: real}, sync=sync, **timing_args)[PLANNED[0]],
+                   PLANNED[1]: measure({PLANNED[1]: synthetic}, sync=sync, **timing_args)[PLANNED[1]]}
+        batches.close()
+    finally:
+        close_stage(run, loader)
+    mem = run.memory[stage.index].total(span.local_batch)
+    for series, timing in timings.items():
+        report.add(Row(series, point, timing, note=f"batch {span.batch}, predicted {mem:,} bytes per device",
+                       params={**asdict(stage), "batch_size": span.batch, "predicted_bytes": mem}))
+    report.add_ratio("planned / fixed batch: trainer + loader", point, PLANNED[0], SERIES[0])
+    report.add_ratio("planned / fixed batch: trainer + synthetic", point, PLANNED[1], SERIES[1])
 
 
 def _measure_series(step_fn, batches, fixed, batch_size: int, sync, drain: int, **timing_args) -> dict:
@@ -163,6 +225,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per series and stage")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--per-rep", type=int, default=2, help="steps per timed repetition")
+    p.add_argument("--batch-plan", default="fixed", choices=BATCH_PLANS,
+                   help="memory: also time every stage at the batch planned for --memory (batch_plan=memory)")
+    p.add_argument("--memory", default="auto", help="with --batch-plan memory: budget per device, e.g. 2GiB "
+                                                    "(auto: the GPU's free memory)")
+    p.add_argument("--max-batch", type=int, default=0, help="with --batch-plan memory: cap on the global batch")
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -174,4 +241,5 @@ def run(args: argparse.Namespace) -> Report:
     return run_e2e_bench(args.shards, args.model or ("efficientnetv2-s" if gpu else "efficientnetv2-b0"),
                          batch_size=args.batch_size or (128 if gpu else 32), device=device, backend=args.backend,
                          amp=args.amp, mode=args.mode or ("graph" if gpu else "eager"), num_stages=args.stages, image_size=sizes, warmup=args.warmup,
-                         reps=args.reps, per_rep=args.per_rep, workers=args.workers, plan_of=args.plan_of)
+                         reps=args.reps, per_rep=args.per_rep, workers=args.workers, plan_of=args.plan_of,
+                         batch_plan=args.batch_plan, memory=args.memory, max_batch=args.max_batch)

@@ -16,7 +16,7 @@ from effnetv2.pipeline.loaders.backend import ALIASES, BACKENDS
 from effnetv2.pipeline.loaders.geometry import AREA, POLICIES
 
 from .distributed import DEVICES
-from .plan import PRESETS
+from .plan import BATCH_PLANS, PRESETS
 from .schedule import KINDS
 from .step import AMP, LOSSES
 
@@ -51,9 +51,14 @@ class TrainConfig:
     # -- progressive plan (Algorithm 1); a range None = the preset's (lo, hi)
     plan: str = "official"  # official | paper | random-resize
     epochs: float = 350.0
-    total_steps: int = 0  # > 0: train exactly this many steps instead of epochs * steps/epoch
+    total_steps: int = 0  # > 0: train exactly this many steps (of batch_size) instead of epochs * steps/epoch
     num_stages: int = 4
     batch_size: int = 4096  # global, over all ranks
+    batch_plan: str = "fixed"  # fixed: every stage at batch_size | memory: each stage's largest batch that fits
+    memory: str = "auto"  # batch_plan=memory: budget per device, e.g. 80GiB; auto = what the GPU has free
+    max_batch: int = 0  # batch_plan=memory: cap on a stage's global batch; 0 = only the data's
+    memory_margin: float = 0.10  # batch_plan=memory: on top of the counted step memory (workspaces, allocator)
+    lr_ramp_epochs: float = 0.5  # batch_plan=memory: LR ramp when a stage's batch (so its LR) rises
     image_size: tuple[int, int] | None = None
     randaug: Range | None = None
     mixup: Range | None = None
@@ -105,8 +110,8 @@ class TrainConfig:
         return self.out or f"runs/{self.recipe}"
 
 
-CHOICES = {"plan": PRESETS, "lr_schedule": KINDS, "loss": LOSSES, "amp": tuple(AMP), "device": DEVICES,
-           "backend": BACKENDS + tuple(ALIASES), "augment": POLICIES}
+CHOICES = {"plan": PRESETS, "batch_plan": BATCH_PLANS, "lr_schedule": KINDS, "loss": LOSSES, "amp": tuple(AMP),
+           "device": DEVICES, "backend": BACKENDS + tuple(ALIASES), "augment": POLICIES}
 
 
 def runtime_keys() -> frozenset[str]:
@@ -132,6 +137,8 @@ _NUMBERS: tuple[tuple[str, typing.Callable[[float], bool], str], ...] = (
     ("num_workers", lambda v: v >= 0, ">= 0 (or None: one per core)"), ("torch_threads", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 1, ">= 1"), ("ckpt_every", lambda v: v >= 0, ">= 0"),
     ("keep_last", lambda v: v >= 1, ">= 1"), ("stop_at", lambda v: v >= 0, ">= 0"),
+    ("max_batch", lambda v: v == 0 or v >= 8, ">= 8 (batches are multiples of 8), or 0: no cap"),
+    ("memory_margin", lambda v: v >= 0, ">= 0"), ("lr_ramp_epochs", lambda v: v >= 0, ">= 0"),
 )
 # (lo, hi) ranges: each end checked, and lo <= hi
 _RANGES = {"image_size": (lambda v: v >= 8, ">= 8 px"), "randaug": (lambda v: v >= 0, ">= 0"),
@@ -159,6 +166,13 @@ def validate(cfg: TrainConfig, *, inputs: bool = True) -> None:
             raise ValueError(f"{key}={','.join(map(str, pair))}: {bad[0]} is out of range; each end must be {rule}")
         if pair[0] > pair[1]:
             raise ValueError(f"{key}={','.join(map(str, pair))}: the first (stage 1) end exceeds the last")
+    if cfg.batch_plan == "memory" and cfg.memory.strip().lower() != "auto":
+        from effnetv2.model.memory import parse_budget
+
+        try:  # 'auto' is read on the device, when the run is built
+            parse_budget(cfg.memory)
+        except ValueError as e:
+            raise ValueError(f"memory={cfg.memory!r}: {e}") from None
     if cfg.eval_crop is not None and not 0 < cfg.eval_crop <= 1:
         raise ValueError(f"eval_crop={cfg.eval_crop!r}: must be in (0, 1] (or None: the official rule)")
     from effnetv2.model import get_config

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PRESETS = ("official", "paper", "random-resize")
+BATCH_PLANS = ("fixed", "memory")  # every stage at the configured batch | the largest that fits (batch_plan.py)
 
 
 @dataclass(frozen=True)
@@ -190,18 +191,101 @@ def stage_bounds(stages: tuple[Stage, ...], total_steps: int) -> list[tuple[int,
     return bounds
 
 
-def format_plan(stages: tuple[Stage, ...], steps_per_epoch: int | None = None) -> str:
-    """A fixed-width table of the plan (the output of ``effnetv2 plan``)."""
+@dataclass(frozen=True)
+class Span:
+    """A stage in steps and samples: its global steps, its batch, and where its data starts.
+
+    ``ref_first``/``ref_end`` are the same stretch on the clock of the configured batch (the LR
+    schedule's steps); ``epoch``/``sample`` is every rank's position in :func:`epoch_order` (the
+    loaders' sampler) at the stage's first step.
+    """
+
+    first: int
+    end: int
+    batch: int  # global
+    local_batch: int  # per rank
+    steps_per_epoch: int  # at this batch: the epoch's tail that does not fill a step is dropped
+    epoch: int
+    sample: int
+    ref_first: int
+    ref_end: int
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, sample)`` each rank reads at global ``step`` (``first <= step <= end``)."""
+        return advance(self.epoch, self.sample, step - self.first, self.local_batch, self.steps_per_epoch)
+
+
+def advance(epoch: int, sample: int, steps: int, batch: int, steps_per_epoch: int) -> tuple[int, int]:
+    """The position after ``steps`` steps of ``batch`` samples (per rank) from ``(epoch, sample)``.
+
+    An epoch at this batch holds ``steps_per_epoch * batch`` samples; what is left of it that does not
+    fill a batch is skipped (as the loader drops it), so a position need not be a multiple of the batch
+    (a stage that starts where a stage with another batch stopped).
+    """
+    left = max(0, (steps_per_epoch * batch - sample) // batch)  # whole batches left in this epoch
+    if steps < left:
+        return epoch, sample + steps * batch
+    steps -= left
+    return epoch + 1 + steps // steps_per_epoch, steps % steps_per_epoch * batch
+
+
+def stage_spans(stages: tuple[Stage, ...], total_steps: int, *, num_samples: int, batch_size: int,
+                world_size: int = 1) -> list[Span]:
+    """Each stage in steps and samples, at its own ``Stage.batch_size`` (global).
+
+    ``total_steps`` and :func:`stage_bounds` are counted at the configured ``batch_size`` (the reference
+    clock); a stage at another batch covers the same share of epochs: its reference steps times
+    ``steps_per_epoch(its batch) / steps_per_epoch(configured)``, rounded to the nearest step (at least
+    one). It starts at the data position where the previous one stopped, so every rank reads each
+    epoch's order once, in order, across batch changes. With every stage at the configured batch this
+    is :func:`stage_bounds` and global step ``k`` reads batch ``k % steps_per_epoch`` of epoch
+    ``k // steps_per_epoch``, as without a plan.
+    """
+    ref_spe = num_samples // batch_size
+    if ref_spe < 1:
+        raise ValueError(f"{num_samples} samples do not fill one batch of {batch_size}")
+    spans, step, epoch, sample = [], 0, 0, 0
+    for stage, (ref_first, ref_end) in zip(stages, stage_bounds(stages, total_steps)):
+        if stage.batch_size % world_size:
+            raise ValueError(f"stage {stage.index}: batch {stage.batch_size} is not divisible by "
+                             f"{world_size} ranks")
+        spe = num_samples // stage.batch_size
+        if spe < 1:
+            raise ValueError(f"stage {stage.index}: {num_samples} samples do not fill one batch of "
+                             f"{stage.batch_size}")
+        n = ref_end - ref_first
+        if stage.batch_size != batch_size and n > 0:
+            n = max(1, (2 * n * spe + ref_spe) // (2 * ref_spe))  # n * spe / ref_spe, halves up
+        local = stage.batch_size // world_size
+        spans.append(Span(step, step + n, stage.batch_size, local, spe, epoch, sample, ref_first, ref_end))
+        step += n
+        epoch, sample = advance(epoch, sample, n, local, spe)
+    return spans
+
+
+def format_plan(stages: tuple[Stage, ...], steps_per_epoch: int | None = None, *, spans: list[Span] | None = None,
+                memory: list[str] | None = None, lr_per_256: float | None = None) -> str:
+    """A fixed-width table of the plan (the output of ``effnetv2 plan``).
+
+    ``steps_per_epoch`` (the configured batch's) adds the steps column; ``spans`` gives it for stages at
+    their own batches; ``memory`` (one text per stage, e.g. the predicted bytes per device) and
+    ``lr_per_256`` (the stage's peak LR, ``lr_per_256 * batch / 256``) add their columns.
+    """
     head = f"{'stage':>5} {'size':>5} {'randaug':>8} {'mixup':>6} {'cutmix':>6} {'dropout':>7} {'epochs':>7} {'batch':>6}"
-    lines = [head + (f" {'steps':>16}" if steps_per_epoch else "")]
-    bounds = None
-    if steps_per_epoch:
-        total = int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9)
-        bounds = stage_bounds(stages, total)
-    for s in stages:
+    bounds = [(sp.first, sp.end) for sp in spans] if spans else None
+    if bounds is None and steps_per_epoch:
+        bounds = stage_bounds(stages, int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9))
+    head += (f" {'steps':>16}" if bounds else "") + (f" {'memory':>10}" if memory else "")
+    head += f" {'peak lr':>8}" if lr_per_256 else ""
+    lines = [head]
+    for i, s in enumerate(stages):
         line = (f"{s.index:>5} {s.image_size:>5} {s.randaug_magnitude:>8.2f} {s.mixup_alpha:>6.2f} "
                 f"{s.cutmix_alpha:>6.2f} {s.dropout:>7.2f} {s.epochs:>7.2f} {s.batch_size:>6}")
         if bounds:
-            line += f" {bounds[s.index][0]:>7}-{bounds[s.index][1]:<8}"
-        lines.append(line)
+            line += f" {bounds[i][0]:>7}-{bounds[i][1]:<8}"
+        if memory:
+            line += f" {memory[i]:>10}"
+        if lr_per_256:
+            line += f" {lr_per_256 * s.batch_size / 256:>8.4g}"
+        lines.append(line.rstrip())
     return "\n".join(lines)

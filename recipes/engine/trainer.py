@@ -9,9 +9,11 @@ the other commands call the same parts instead of rebuilding them.
   in ``finally``, so a :class:`NonFiniteLoss` or Ctrl-C never leaves workers or a DALI pipeline alive.
 
 Host syncs happen only every ``log_every`` steps, at checkpoints and at stage ends; the step never waits
-for the GPU. Global step ``k`` reads sample position ``k % steps_per_epoch`` of epoch
-``k // steps_per_epoch`` (:func:`stage_batches`), so a resumed run, or a stage starting mid-epoch, sees
-exactly the batches the uninterrupted run sees.
+for the GPU. Each stage reads on from the data position (epoch, sample) where the previous one stopped,
+at its own batch (:func:`~effnetv2.recipes.engine.plan.stage_spans`; with one batch, global step ``k``
+reads batch ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch``), so a resumed run, or a stage
+starting mid-epoch, sees exactly the batches the uninterrupted run sees (:func:`stage_batches`).
+With ``batch_plan=memory`` every stage gets the largest batch that fits (:mod:`.batch_plan`).
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from effnetv2.recipes.inference.run import write_classes
+
 from . import checkpoint, distributed
+from .batch_plan import StagedLR, lr_rule, plan_stage_batches, run_budget
 from .config import TrainConfig, format_config, runtime_keys, validate
 from .ema import EMA
 from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog
 from .optim import RMSpropTF, weight_decay_groups
-from .plan import Stage, format_plan, make_plan, stage_bounds
+from .plan import Span, Stage, format_plan, make_plan, stage_spans
 from .schedule import LRSchedule, make_schedule
 from .step import TrainStep, resolve_amp
 
@@ -55,14 +60,21 @@ class Run:
     optimizer: RMSpropTF
     step_fn: TrainStep
     stages: tuple[Stage, ...]
-    bounds: list[tuple[int, int]]  # (first, end) global step of each stage
-    steps_per_epoch: int
+    spans: list[Span]  # each stage in global steps, batch and data position
+    steps_per_epoch: int  # at the configured batch: the LR schedule's clock
     step: int = 0  # global steps done
     reports: list[dict] = field(default_factory=list)  # one per finished stage
+    memory: tuple = ()  # batch_plan=memory: each stage's StepMemory (effnetv2.model.memory)
+    budget: int = 0  # batch_plan=memory: bytes per device the batches were planned for
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first, end) global step of each stage."""
+        return [(s.first, s.end) for s in self.spans]
 
     @property
     def total_steps(self) -> int:
-        return self.bounds[-1][1] if self.bounds else 0
+        return self.spans[-1].end if self.spans else 0
 
     @property
     def local_batch(self) -> int:
@@ -150,16 +162,31 @@ def build_run(cfg: TrainConfig, stages: tuple[Stage, ...] | None = None) -> Run:
     if cfg.eval_split in shards.splits:  # a bad eval index fails now, not after a stage of training
         SampleTable.from_shards(shards, cfg.eval_split, num_classes)
     stages = stages or build_plan(cfg)
-    steps_per_epoch = shards.split(cfg.train_split).num_samples // cfg.batch_size
+    num_samples = shards.split(cfg.train_split).num_samples
+    steps_per_epoch = num_samples // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{cfg.data}: split {cfg.train_split!r} has fewer samples than one batch "
                          f"({cfg.batch_size})")
+    memory, budget = (), 0
+    if cfg.batch_plan == "memory":
+        from effnetv2.model import get_config
+
+        budget = min(distributed.gather(run_budget(cfg.memory, info.device)))  # ranks agree on the batches
+        stages, memory = plan_stage_batches(
+            stages, model=get_config(cfg.model), num_classes=num_classes, budget=budget,
+            amp=resolve_amp(cfg.amp, info.device), channels_last=cfg.channels_last, tf_padding=cfg.tf_padding,
+            world_size=info.world_size, max_batch=cfg.max_batch, num_samples=num_samples, margin=cfg.memory_margin)
     total = cfg.total_steps or int(sum(s.epochs for s in stages) * steps_per_epoch + 1e-9)
+    spans = stage_spans(stages, total, num_samples=num_samples, batch_size=cfg.batch_size,
+                        world_size=info.world_size)
     model = build_model(cfg, num_classes, info.device)
-    ema, optimizer, step_fn = build_step(cfg, model, info, build_schedule(cfg, steps_per_epoch, total))
+    schedule = build_schedule(cfg, steps_per_epoch, total)
+    if cfg.batch_plan == "memory":
+        schedule = StagedLR(schedule, cfg.batch_size, info.device)
+    ema, optimizer, step_fn = build_step(cfg, model, info, schedule)
     torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout / stochastic-depth masks differ per rank
-    return Run(cfg, info, shards, num_classes, model, ema, optimizer, step_fn, stages, stage_bounds(stages, total),
-               steps_per_epoch)
+    return Run(cfg, info, shards, num_classes, model, ema, optimizer, step_fn, stages, spans, steps_per_epoch,
+               memory=memory, budget=budget)
 
 
 def resume(run: Run, out: Path, say: Callable[[str], None]) -> Path | None:
@@ -182,6 +209,8 @@ def resume(run: Run, out: Path, say: Callable[[str], None]) -> Path | None:
     state = found[1] if main else checkpoint.load(path)
     checkpoint.load_run_state(path, state, run.model, run.ema, run.optimizer, run.step_fn)
     run.step, run.reports = int(state["step"]), list(state["reports"])
+    if cfg.batch_plan == "memory" and state["config"].get("batch_plan") == "memory":
+        _resume_batches(run, state.get("stage_batches"), say)
     rngs = state["rng"]
     checkpoint.set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
     now = dataclasses.asdict(cfg)
@@ -195,17 +224,55 @@ def resume(run: Run, out: Path, say: Callable[[str], None]) -> Path | None:
     return Path(path)
 
 
+def _resume_batches(run: Run, batches: list[int] | None, say: Callable[[str], None]) -> None:
+    """A planned run goes on at the batches its checkpoint trained with (the budget, e.g. ``auto`` on
+    another GPU, may plan others now): the data positions and the LR follow from them."""
+    now = [s.batch_size for s in run.stages]
+    if not batches or list(batches) == now:
+        return
+    if len(batches) != len(run.stages):
+        raise ValueError(f"the checkpoint's plan has {len(batches)} stages, this one {len(run.stages)}")
+    run.stages = tuple(dataclasses.replace(s, batch_size=b) for s, b in zip(run.stages, batches))
+    run.spans = stage_spans(run.stages, run.spans[-1].ref_end, batch_size=run.cfg.batch_size,
+                            num_samples=run.shards.split(run.cfg.train_split).num_samples,
+                            world_size=run.info.world_size)
+    say(f"note: keeping the checkpoint's stage batches {list(batches)} (this budget plans {now})\n"
+        + describe_plan(run))
+
+
+def describe_plan(run: Run) -> str:
+    """The printed plan: a line on the run, the table; with planned batches also the steps, the predicted
+    memory per device and the peak LR per stage, and the LR rule."""
+    cfg, info, step_fn = run.cfg, run.info, run.step_fn
+    where = f"{info.world_size} rank(s) on {info.device}, amp {step_fn.amp_dtype}, cuda graphs {step_fn.cuda_graph}"
+    if not run.memory:
+        return (f"plan: {len(run.stages)} stages, {run.total_steps} steps of {cfg.batch_size} images "
+                f"({run.steps_per_epoch} steps/epoch), {where}\n{format_plan(run.stages)}")
+    from effnetv2.model.memory import fmt_bytes
+
+    memory = [fmt_bytes(m.total(s.batch_size // info.world_size)) for m, s in zip(run.memory, run.stages)]
+    return "\n".join([
+        f"plan: {len(run.stages)} stages, {run.total_steps} steps, batches planned for {fmt_bytes(run.budget)} "
+        f"per device (memory={cfg.memory}), {where}",
+        format_plan(run.stages, spans=run.spans, memory=memory, lr_per_256=cfg.lr_per_256),
+        lr_rule(cfg.lr_per_256, cfg.batch_size, run.steps_per_epoch, cfg.lr_ramp_epochs)])
+
+
 def save(run: Run, out: Path, stage_index: int) -> Path | None:
     """Checkpoint after ``run.step`` (every rank calls it: it gathers every rank's RNG state)."""
     _check_finite_weights(run.model, run.ema, run.step)
     rngs = distributed.gather(checkpoint.rng_state())
     if not run.info.is_main:
         return None
-    spe = run.steps_per_epoch
+    span = run.spans[stage_index]
+    epoch, sample = span.position(run.step)
+    schedule = run.step_fn.schedule
     state = dict(model=run.model.state_dict(), ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
                  train_step=run.step_fn.state_dict(), step=run.step, stage=stage_index, reports=run.reports,
-                 data_position={"epoch": run.step // spe, "step": run.step % spe},
-                 schedule=dataclasses.asdict(run.step_fn.schedule), rng=rngs, config=dataclasses.asdict(run.cfg))
+                 data_position={"epoch": epoch, "step": sample // span.local_batch, "sample": sample},
+                 stage_batches=[s.batch_size for s in run.stages],
+                 schedule=dataclasses.asdict(getattr(schedule, "base", schedule)), rng=rngs,
+                 config=dataclasses.asdict(run.cfg))
     return checkpoint.save(out, state, run.cfg.keep_last)
 
 
@@ -214,17 +281,20 @@ def open_stage(run: Run, stage: Stage):
     """The stage switch: this stage's training loader (size, RandAugment, mixup) and dropout."""
     from effnetv2.pipeline.loaders import build_train_loader
 
-    cfg = run.cfg
+    cfg, span = run.cfg, run.spans[stage.index]
     loader = build_train_loader(
-        run.shards, run.local_batch, stage.image_size,
+        run.shards, span.local_batch, stage.image_size,
         stage.randaug_magnitude if cfg.randaug_layers > 0 else None, stage.mixup_alpha, stage.cutmix_alpha,
         num_classes=run.num_classes, device=str(run.info.device), backend=cfg.backend, rank=run.info.rank,
         world_size=run.info.world_size, seed=run.data_seed, randaug_layers=cfg.randaug_layers,
         split=cfg.train_split, num_workers=cfg.num_workers, crop_area=cfg.crop_area, augment=cfg.augment)
-    if len(loader) != run.steps_per_epoch:
+    if len(loader) != span.steps_per_epoch:
         loader.close()
-        raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {run.steps_per_epoch}")
+        raise RuntimeError(f"loader has {len(loader)} steps per epoch, the plan assumed {span.steps_per_epoch}")
     run.model.set_dropout(stage.dropout)
+    if isinstance(run.step_fn.schedule, StagedLR):  # this stage's batch and clock, before its first step
+        run.step_fn.schedule.set_stage(span, run.spans[stage.index - 1] if stage.index else None,
+                                       cfg.lr_ramp_epochs)
     return loader
 
 
@@ -237,12 +307,12 @@ def close_stage(run: Run, loader) -> None:
         run.step_fn.release()
 
 
-def stage_batches(loader, step: int, end: int, steps_per_epoch: int) -> Iterator[tuple]:
-    """The batches of global steps ``[step, end)``: the loader starts at the exact sample position of
-    ``step`` and rolls over into the following epochs."""
+def stage_batches(loader, span: Span, step: int, end: int) -> Iterator[tuple]:
+    """The batches of global steps ``[step, end)`` of ``span``: the loader starts at the exact sample
+    position of ``step`` and rolls over into the following epochs."""
     while step < end:
-        epoch, k = divmod(step, steps_per_epoch)
-        loader.load_state_dict({"epoch": epoch, "step": k})
+        epoch, sample = span.position(step)
+        loader.load_state_dict({"epoch": epoch, "step": sample // span.local_batch, "sample": sample})
         for batch in loader:
             yield batch
             step += 1
@@ -269,7 +339,7 @@ def train_stage(run: Run, stage: Stage, loader, end: int, *, out: Path, log: Met
     cfg, progress = run.cfg, StageProgress()
     t_start = t_last = time.perf_counter()
     last_step = run.step
-    for images, targets in stage_batches(loader, run.step, end, run.steps_per_epoch):
+    for images, targets in stage_batches(loader, run.spans[stage.index], run.step, end):
         run.step_fn(images, targets)
         run.step += 1
         progress.steps += 1
@@ -279,7 +349,7 @@ def train_stage(run: Run, stage: Stage, loader, end: int, *, out: Path, log: Met
         if run.step % cfg.log_every == 0 or run.step == end or ckpt_due or stop:
             progress.loss, lr = _sync_stats(run.step_fn, run.step - last_step, stage)
             now = time.perf_counter()
-            ips = (run.step - last_step) * cfg.batch_size / max(now - t_last, 1e-9)
+            ips = (run.step - last_step) * stage.batch_size / max(now - t_last, 1e-9)
             t_last, last_step = now, run.step
             bar.set_postfix_str(f"loss {progress.loss:.4f} lr {lr:.3g} {ips:,.0f} img/s")
             log.write(dict(event="train", step=run.step, stage=stage.index, loss=progress.loss, lr=lr,
@@ -299,7 +369,8 @@ def stage_report(run: Run, stage: Stage, first: int, end: int, progress: StagePr
     return dict(stage=stage.index, image_size=stage.image_size, randaug=stage.randaug_magnitude,
                 mixup=stage.mixup_alpha, cutmix=stage.cutmix_alpha, dropout=stage.dropout, first_step=first,
                 end_step=end, steps_trained=progress.steps,
-                imgs_per_s=progress.steps * run.cfg.batch_size / max(progress.seconds, 1e-9),
+                batch_size=stage.batch_size,
+                imgs_per_s=progress.steps * stage.batch_size / max(progress.seconds, 1e-9),
                 train_s=progress.seconds, setup_s=setup_s, loss=progress.loss, **metrics)
 
 
@@ -322,14 +393,12 @@ def train(cfg: TrainConfig) -> RunResult:
     say(f"effnetv2 train {cfg.recipe}: resolved config\n{format_config(cfg)}")
     if cfg.eval_split and cfg.eval_split not in run.shards.splits:
         say(f"note: {cfg.data} has no split {cfg.eval_split!r} (it has {sorted(run.shards.splits)}); no evaluation")
-    say(f"plan: {len(run.stages)} stages, {run.total_steps} steps of {cfg.batch_size} images "
-        f"({run.steps_per_epoch} steps/epoch), {run.info.world_size} rank(s) on {run.info.device}, "
-        f"amp {run.step_fn.amp_dtype}, cuda graphs {run.step_fn.cuda_graph}")
-    say(format_plan(run.stages))
+    say(describe_plan(run))
     resumed = ckpt_path = resume(run, out, say)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(out / "config.json", dataclasses.asdict(cfg))
+        write_classes(out, run.shards)  # class names stay with the run when the shards move
     log = MetricsLog(out, main, cfg.tensorboard, keep_until=run.step if resumed else None)
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not (main and cfg.progress),
                dynamic_ncols=True)
