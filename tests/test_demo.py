@@ -45,7 +45,7 @@ def test_fashion_mnist_bad_files_named(tmp_path):
 def test_demo_end_to_end_then_reused(tmp_path):
     """Shard the real dataset, train 4 short stages, report; a second run re-shards and retrains nothing."""
     data, out = tmp_path / "fmnist", tmp_path / "run"
-    cmd = [sys.executable, "-m", "effnetv2.recipes.catalog.demo", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "effnetv2.recipes.catalog.demo", "--data", str(data), "--make-data", "--out", str(out),
            "--set", "total_steps=12", "--set", "progress=false", "--set", "log_every=3",
            "--set", "eval_batch_size=500"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

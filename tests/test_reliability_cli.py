@@ -70,7 +70,7 @@ def test_plan_command_refuses_negative_values(capsys):
 def test_demo_does_not_shard_into_a_mistyped_data_folder(tmp_path, capsys):
     typo = tmp_path / "shards-typo"
     rc = cli(["train", "demo", "--data", str(typo), "--out", str(tmp_path / "run")])
-    _one_line_error(capsys, 2, rc, str(typo), "not a shard set")
+    _one_line_error(capsys, 2, rc, str(typo), "not a shard set", "--make-data")
     assert not typo.exists() and not (tmp_path / "run").exists()
 
 

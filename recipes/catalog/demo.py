@@ -41,10 +41,11 @@ def prepare(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     from effnetv2.pipeline.sharder.writer import SourceItem, write_shard_set
 
     out = Path(cfg.data)
-    if not (out / MANIFEST).is_file() and out.resolve() != Path(DATA).resolve():
+    asked = getattr(args, "make_data", False) or out.resolve() == Path(DATA).resolve()
+    if not (out / MANIFEST).is_file() and not asked:
         raise ValueError(f"{out}: not a shard set (no {MANIFEST}); the demo makes its Fashion-MNIST shard set "
-                         f"only in its own folder {DATA} (run it without --data), or pass a shard set made "
-                         f"by 'effnetv2 shard'")
+                         f"only in its own folder {DATA} or when asked (--make-data), or pass a shard set "
+                         f"made by 'effnetv2 shard'")
     if (out / MANIFEST).is_file():
         ss = read_shard_set(out)
         counts = ", ".join(f"{s.name} {s.num_samples:,}" for s in ss.splits.values())

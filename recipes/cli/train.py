@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="continue from the newest valid checkpoint in the run folder")
     group.add_argument("--fresh", action="store_true",
                        help="delete the run folder's checkpoints and metrics and start over")
+    parser.add_argument("--make-data", action="store_true",
+                        help="let the recipe make its data set in --data when it is not there (the demo shards "
+                             "Fashion-MNIST; without this it does so only in its own default folder)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and plan, then stop (nothing is prepared or trained)")
 
