@@ -89,6 +89,18 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic.write_json(path, obj)
 
 
+CLASSES_FILE = "classes.json"
+CLASSES_FORMAT = "effnetv2-classes/1"
+
+
+def write_classes(out: str | Path, shards) -> Path:
+    """``out/classes.json``: the class names (and multi-label flag) of shard set ``shards`` (a ShardSet),
+    so a run can name its predictions after its data has moved. Atomic; the trainer calls it at start."""
+    return atomic.write_json(Path(out) / CLASSES_FILE, {
+        "format": CLASSES_FORMAT, "data": str(shards.root), "num_classes": len(shards.classes),
+        "multilabel": bool(shards.multilabel), "classes": [str(c) for c in shards.classes]})
+
+
 def find_latest(out: str | Path) -> tuple[Path, dict] | None:
     """The newest valid checkpoint in ``out`` and its contents, or None; invalid ones are reported."""
     for path in list_checkpoints(out):

@@ -29,8 +29,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from effnetv2.recipes.inference.run import write_classes
-
 from . import checkpoint, distributed
 from .batch_plan import StagedLR, lr_rule, plan_stage_batches, run_budget
 from .config import TrainConfig, format_config, runtime_keys, validate
@@ -398,7 +396,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(out / "config.json", dataclasses.asdict(cfg))
-        write_classes(out, run.shards)  # class names stay with the run when the shards move
+        checkpoint.write_classes(out, run.shards)  # class names stay with the run when the shards move
     log = MetricsLog(out, main, cfg.tensorboard, keep_until=run.step if resumed else None)
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not (main and cfg.progress),
                dynamic_ncols=True)

@@ -7,7 +7,7 @@ class names that go with it. ``effnetv2 eval``, ``predict`` and ``export`` start
   the run folder's ``config.json`` for keys an older checkpoint lacks; the network is the trainer's
   :func:`~effnetv2.recipes.engine.trainer.build_model` of it (without ``init_from``: the weights come next).
 - Class names live in the run folder as ``classes.json``: the trainer writes it at the start of a run
-  (:func:`write_classes`), so prediction works after the shards are gone. An older run gets it from its
+  (:func:`~effnetv2.recipes.engine.checkpoint.write_classes`), so prediction works after the shards are gone. An older run gets it from its
   shard set's manifest the first time the manifest is readable; when neither exists the names are
   ``class_0 ...`` and :attr:`ClassNames.note` says why.
 """
@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from effnetv2.model import EfficientNetV2, load_weights
-from effnetv2.pipeline.format import atomic
 from effnetv2.recipes.engine import checkpoint
+from effnetv2.recipes.engine.checkpoint import CLASSES_FILE, write_classes
 from effnetv2.recipes.engine.config import TrainConfig
+from effnetv2.recipes.engine.trainer import build_model
 
 WEIGHTS = ("ema", "model")
-CLASSES_FILE = "classes.json"
-CLASSES_FORMAT = "effnetv2-classes/1"
 
 
 class RunError(ValueError):
@@ -130,8 +129,6 @@ def load_run(source: str | Path, *, weights: str = "ema", device: str | torch.de
     naming both. ``store_classes`` lets this call write ``classes.json`` into an older run's folder (only
     one process of a multi-process job should).
     """
-    from effnetv2.recipes.engine.trainer import build_model  # the trainer imports this module (write_classes)
-
     if weights not in WEIGHTS:
         raise RunError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path, state = find_checkpoint(source)
@@ -159,14 +156,6 @@ def load_run(source: str | Path, *, weights: str = "ema", device: str | torch.de
 
 
 # -- class names ---------------------------------------------------------------------------------------
-def write_classes(out: str | Path, shards) -> Path:
-    """``out/classes.json``: the class names (and multi-label flag) of shard set ``shards`` (a ShardSet),
-    so a run can name its predictions after its data has moved. Atomic; the trainer calls it at start."""
-    return atomic.write_json(Path(out) / CLASSES_FILE, {
-        "format": CLASSES_FORMAT, "data": str(shards.root), "num_classes": len(shards.classes),
-        "multilabel": bool(shards.multilabel), "classes": [str(c) for c in shards.classes]})
-
-
 def read_classes(folder: str | Path, data: str, num_classes: int, *, store: bool = True) -> ClassNames:
     """The class names of the run in ``folder``: its ``classes.json``, else the manifest of shard set ``data``
     (then stored as ``classes.json`` when ``store``), else generic names with a note saying why."""
