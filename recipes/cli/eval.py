@@ -244,10 +244,9 @@ def _fail(message: str, code: int, info: distributed.DistInfo | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m effnetv2.recipes.cli.eval ...`` (what torchrun runs): the same as ``effnetv2 eval ...``."""
-    parser = argparse.ArgumentParser(prog="effnetv2 eval", description="score a trained model on a shard set")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from effnetv2.recipes.cli.main import command
+
+    return command("eval", argv)
 
 
 if __name__ == "__main__":

@@ -49,5 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
+def command(name: str, argv: list[str] | None = None) -> int:
+    """One command as its own program (``python -m effnetv2.recipes.cli.eval ...``, what torchrun runs):
+    the same as ``effnetv2 NAME ...``."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

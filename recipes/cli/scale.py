@@ -71,9 +71,9 @@ def _flops(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="effnetv2 scale", description="grow a base network into a family")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from effnetv2.recipes.cli.main import command
+
+    return command("scale", argv)
 
 
 if __name__ == "__main__":

@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="effnetv2 search", description="training-aware architecture search")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from effnetv2.recipes.cli.main import command
+
+    return command("search", argv)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="effnetv2 train", description="run a training recipe")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from effnetv2.recipes.cli.main import command
+
+    return command("train", argv)
 
 
 def recipe_main(name: str) -> int:
