@@ -91,6 +91,21 @@ def test_train_cli_dry_run_prints_config_and_plan(capsys):
         train_cli.main(["imagenet"])
 
 
+def test_cpu_processes_launch_only_on_a_cpu_outside_torchrun(monkeypatch):
+    """How many torchrun ranks `effnetv2 train` starts: capped at the cores, none under torchrun or on a GPU."""
+    cores = len(__import__("os").sched_getaffinity(0))
+    cfg = TrainConfig(device="cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_cli.cpu_ranks(cfg) == 1  # the default: one process
+    assert train_cli.cpu_ranks(apply_overrides(cfg, ["cpu_processes=2"])) == min(2, cores)
+    assert train_cli.cpu_ranks(apply_overrides(cfg, ["cpu_processes=64"])) == cores
+    assert train_cli.cpu_ranks(apply_overrides(cfg, ["cpu_processes=0"])) == cores
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already a torchrun rank: never launch again
+    assert train_cli.cpu_ranks(apply_overrides(cfg, ["cpu_processes=2"])) == 1
+    with pytest.raises(ValueError, match="cpu_processes=-1: must be >= 0"):
+        validate(apply_overrides(cfg, ["cpu_processes=-1"]), inputs=False)
+
+
 def test_recipe_module_runs_as_a_script():
     proc = subprocess.run([sys.executable, "-m", "effnetv2.recipes.catalog.in21k_pretrain", "--dry-run",
                            "--set", "batch_size=1024"], capture_output=True, text=True, timeout=120)

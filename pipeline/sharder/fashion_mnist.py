@@ -56,8 +56,14 @@ def load(split: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]
 
 
 def encoded(images: np.ndarray, size: int) -> Iterator[bytes]:
-    """Each image upscaled (bicubic) to ``size`` x ``size`` and encoded losslessly as grayscale PNG."""
+    """Each image resized (bicubic) to ``size`` x ``size`` and encoded losslessly as grayscale PNG.
+
+    At the native 28 px the pixels are kept as they are (no resampling).
+    """
     for img in images:
         buf = io.BytesIO()
-        Image.fromarray(img).resize((size, size), Image.BICUBIC).save(buf, format="PNG", compress_level=1)
+        pil = Image.fromarray(img)
+        if pil.size != (size, size):
+            pil = pil.resize((size, size), Image.BICUBIC)
+        pil.save(buf, format="PNG", compress_level=1)
         yield buf.getvalue()

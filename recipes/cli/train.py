@@ -9,7 +9,9 @@ A recipe is a module ``effnetv2.recipes.<name>`` (dashes become underscores) wit
 * ``finish(cfg, result) -> None`` (optional): runs after training on rank 0, e.g. a summary or a chart.
 
 Every recipe module also runs as ``python -m effnetv2.recipes.<name> ...`` with the same options, and
-multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.cli.train RECIPE ...``.
+multi-process as ``torchrun --nproc_per_node N -m effnetv2.recipes.cli.train RECIPE ...``. On a CPU-only
+machine ``cpu_processes`` > 1 does that launch itself: it prepares the data once, then runs torchrun
+(``torch.distributed.run --standalone``) on the same arguments.
 """
 
 from __future__ import annotations
@@ -84,6 +86,38 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(out / "tb", ignore_errors=True)
 
 
+_LAUNCHED = "EFFNETV2_LAUNCHED"  # set for the ranks that launch_cpu_ranks() starts: they skip prepare()
+
+
+def cpu_ranks(cfg: TrainConfig) -> int:
+    """How many torchrun processes this command should start: > 1 only on a CPU, outside torchrun."""
+    from effnetv2.recipes.engine.distributed import resolve_device
+
+    if "WORLD_SIZE" in os.environ or resolve_device(cfg.device).type != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return min(cfg.cpu_processes or cores, cores)
+
+
+def launch_cpu_ranks(args: argparse.Namespace, n: int) -> int:
+    """Run this command again as ``n`` one-machine torchrun ranks; their exit status is ours."""
+    import subprocess
+
+    argv = [args.recipe]
+    for flag in ("data", "out"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    argv += ["--resume"] if args.resume else ["--set", "resume=false"] if args.fresh else []
+    for item in args.overrides:
+        argv += ["--set", item]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "effnetv2.recipes.cli.train", *argv]
+    print(f"effnetv2 train: {n} CPU processes (torchrun --standalone --nproc_per_node {n}; "
+          f"--set cpu_processes=1 for one)", flush=True)
+    env = dict(os.environ, **{_LAUNCHED: "1"}, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return 0 if subprocess.run(cmd, env=env).returncode == 0 else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit 2 for a config that cannot run (one line naming the field), 1 for a run that failed."""
     from effnetv2.recipes.engine import distributed
@@ -105,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh:
         clear_run(Path(cfg.out_dir()))
     try:
-        if hasattr(recipe, "prepare"):
+        if hasattr(recipe, "prepare") and not os.environ.get(_LAUNCHED):
             cfg = recipe.prepare(cfg, args)
+        if (ranks := cpu_ranks(cfg)) > 1:
+            return launch_cpu_ranks(args, ranks)
         result = train(cfg)
     except ValueError as e:  # bad data or files met while building the run: nothing was trained
         print(f"effnetv2 train: {e}", file=sys.stderr)
