@@ -26,7 +26,7 @@ STORED_SIZE = 28  # native: every stage and the evaluation read the photos as th
 def config(model: str = "efficientnetv2-demo") -> TrainConfig:
     return TrainConfig(
         recipe="demo", model=model, data=DATA, out="runs/demo", train_split="train", eval_split="test",
-        plan="paper", num_stages=4, epochs=7.0, batch_size=128,
+        plan="paper", num_stages=4, epochs=12.0, batch_size=128,
         image_size=(28, 28), randaug=(0.0, 0.0), mixup=(0.0, 0.0), cutmix=(0.0, 0.0), dropout=(0.0, 0.1),
         crop_area=(1.0, 1.0), round_to=4, eval_size=28, randaug_layers=0, eval_crop=1.0, drop_path_rate=0.0,
         lr_per_256=0.048, lr_schedule="cosine", warmup_epochs=0.3, weight_decay=1e-5, label_smoothing=0.1,
