@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +54,17 @@ ARMS: dict[str, str] = {
 PAPER = {"table12": {"delta_top1_pp": [0.2, 0.5], "time_saving_pct": [29, 65]},
          "table13_progressive": {"delta_top1_pp": 0.8}, "table13_random": {"delta_top1_pp": 0.7}}
 RESULT = "result.json"  # written into a run folder when the run is finished: the study reuses it
+SMALLEST = 0.7  # a recipe trained at one size (the demo) is studied growing from 70% of that size
+
+
+def study_base(cfg: TrainConfig) -> TrainConfig:
+    """The recipe as the study compares it: a recipe that holds one image size (the demo trains at its
+    evaluation size) gets a growing range up to that size, else every arm would be the fixed one."""
+    if cfg.image_size is None or cfg.image_size[0] != cfg.image_size[1]:  # None: the model's growing range
+        return cfg
+    hi = cfg.image_size[1]
+    grown = max(8, cfg.round_to * round(SMALLEST * hi / cfg.round_to))
+    return dataclasses.replace(cfg, image_size=(grown, hi))
 
 
 # -- the arms ---------------------------------------------------------------------------------------
@@ -130,9 +142,11 @@ def train_arm(cfg: TrainConfig) -> tuple[dict, str]:
     """Train, resume or reuse the run of ``cfg`` (in ``cfg.out``); returns its record and what happened.
 
     The trainer's printout goes to ``train.log`` in the run folder (its progress bar stays on stderr).
+    A recipe that trains as several CPU processes (``cpu_processes``, as ``effnetv2 train`` launches
+    the demo) trains each arm the same way, through torchrun, so the study times what users run.
     """
+    from effnetv2.recipes.cli.train import cpu_ranks
     from effnetv2.recipes.engine import checkpoint
-    from effnetv2.recipes.engine.trainer import train
 
     out = Path(cfg.out)
     changed = _config_changes(cfg, out)
@@ -143,14 +157,59 @@ def train_arm(cfg: TrainConfig) -> tuple[dict, str]:
         return json.loads((out / RESULT).read_text(encoding="utf-8")), "reused"
     how = "resumed" if checkpoint.list_checkpoints(out) else "trained"
     out.mkdir(parents=True, exist_ok=True)
+    (FAILED_FILE := out / FAILED).unlink(missing_ok=True)
+    if (ranks := cpu_ranks(cfg)) > 1:
+        _train_ranks(cfg, ranks)
+    else:
+        _train_here(cfg)
+    if FAILED_FILE.is_file():
+        from effnetv2.recipes.engine.trainer import NonFiniteLoss
+
+        raise NonFiniteLoss(FAILED_FILE.read_text(encoding="utf-8").strip())
+    return json.loads((out / RESULT).read_text(encoding="utf-8")), how
+
+
+FAILED = "failed.txt"  # a run that stopped on a non-finite loss says why here (the study reports it, goes on)
+
+
+def _train_here(cfg: TrainConfig) -> None:
+    """Train ``cfg`` in this process (every rank of a torchrun does this) and, on rank 0, write its record."""
+    from effnetv2.recipes.engine.trainer import NonFiniteLoss, train
+
+    out, is_main = Path(cfg.out), os.environ.get("RANK", "0") == "0"
     with open(out / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except NonFiniteLoss as e:
+            if is_main:
+                atomic.write_text(out / FAILED, f"{e}\n")
+            return
     if not result.finished:
         raise RuntimeError(f"{out}: the run stopped at step {result.step} of {result.total_steps} (stop_at?)")
-    record = dict(config=dataclasses.asdict(cfg), stages=result.stages, eval_s=_eval_seconds(out, result.stages),
-                  checkpoint=str(result.checkpoint), backend=result.backend)
-    atomic.write_json(out / RESULT, record)
-    return record, how
+    if is_main:
+        record = dict(config=dataclasses.asdict(cfg), stages=result.stages, eval_s=_eval_seconds(out, result.stages),
+                      checkpoint=str(result.checkpoint), backend=result.backend)
+        atomic.write_json(out / RESULT, record)
+
+
+def _train_ranks(cfg: TrainConfig, ranks: int) -> None:
+    """``cfg`` trained by ``ranks`` torchrun processes running :func:`_train_here` (``python -m`` this module)."""
+    import subprocess
+    import sys
+
+    out = Path(cfg.out)
+    atomic.write_json(out / ARM_CONFIG, dataclasses.asdict(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "effnetv2.bench.progressive", str(out / ARM_CONFIG)]
+    with open(out / "torchrun.log", "a", encoding="utf-8") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))).returncode
+    if code != 0 or not ((out / RESULT).is_file() or (out / FAILED).is_file()):
+        raise RuntimeError(f"{out}: the {ranks}-process run failed (exit {code}); see {out / 'torchrun.log'} "
+                           f"and {out / 'train.log'}")
+
+
+ARM_CONFIG = "arm.json"  # the config a torchrun of the arm reads
 
 
 def run_summary(record: dict) -> dict:
@@ -365,7 +424,7 @@ def base_config(args: argparse.Namespace):
     cfg = resolve_config(given, recipe)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
-    return recipe, cfg
+    return recipe, study_base(cfg)
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -424,7 +483,7 @@ def run(args: argparse.Namespace) -> Report:
     paper = compare_with_paper(summary)
     facts = machine()
     title = (f"progressive learning study: recipe {base.recipe}, {base.model}, {base.epochs:g} epochs in "
-             f"{base.num_stages} stages, {len(seeds)} seed(s)")
+             f"{base.num_stages} stages, {_plan(base)[0].image_size}-{_plan(base)[-1].image_size} px, {len(seeds)} seed(s)")
     chart = plot(summary, Path(args.out) / f"progressive-accuracy-{time.strftime('%Y%m%d-%H%M%S')}.png", title, facts)
     report = Report("progressive", title, machine=facts)
     report.config = dict(recipe=args.recipe, model=base.model, data=base.data, epochs=base.epochs,
@@ -458,3 +517,13 @@ def _plan(cfg: TrainConfig):
     from effnetv2.recipes.engine.trainer import build_plan
 
     return build_plan(cfg)
+
+
+if __name__ == "__main__":  # one torchrun rank of an arm: python -m effnetv2.bench.progressive OUT/arm.json
+    import sys
+
+    from effnetv2.recipes.engine import distributed
+    from effnetv2.recipes.inference.run import config_from_record
+
+    _train_here(config_from_record(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))))
+    distributed.shutdown()

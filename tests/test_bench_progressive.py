@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from trainer_fixtures import one_thread, photo_shards  # noqa: F401 - one_thread is an autouse fixture
 
-from effnetv2.bench.progressive import ARMS, RESULT, arm_config, time_to_reach
+from effnetv2.bench.progressive import ARMS, RESULT, arm_config, study_base, time_to_reach
 from effnetv2.recipes.catalog import demo, in1k
 from effnetv2.recipes.cli.main import main as cli_main
 from effnetv2.recipes.engine.plan import make_plan, stage_bounds
@@ -30,8 +30,8 @@ def _regs(stage) -> tuple:
     return tuple(getattr(stage, k) for k in REGS)
 
 
-@pytest.mark.parametrize("cfg", [demo.config(), dataclasses.replace(demo.config(), seed=3),
-                                 in1k.config("efficientnetv2-s")], ids=["demo", "demo-seed3", "in1k-s"])
+@pytest.mark.parametrize("cfg", [study_base(demo.config()), study_base(dataclasses.replace(demo.config(), seed=3)),
+                                 study_base(in1k.config("efficientnetv2-s"))], ids=["demo", "demo-seed3", "in1k-s"])
 def test_arm_plans_differ_exactly_as_the_table_says(cfg):
     plans = {arm: build_plan(arm_config(cfg, arm)) for arm in ARMS}
     recipe = build_plan(cfg)
@@ -70,6 +70,13 @@ def test_arm_plans_differ_exactly_as_the_table_says(cfg):
         assert {k for k, v in dataclasses.asdict(cfg).items() if a[k] != v} <= plan_keys, arm
 
 
+def test_a_recipe_at_one_size_is_studied_growing_up_to_it():
+    assert demo.config().image_size == (28, 28)  # the demo trains at its evaluation size
+    assert study_base(demo.config()).image_size == (20, 28)  # 70% of it, on the recipe's 4-px grid
+    s = in1k.config("efficientnetv2-s")
+    assert study_base(s) == s  # a recipe that already grows is studied as it is
+
+
 def test_arm_config_rejects_an_unknown_arm():
     with pytest.raises(ValueError, match="unknown arm 'big'"):
         arm_config(demo.config(), "big")
@@ -89,7 +96,7 @@ def _study_args(shards: Path, out: Path) -> list[str]:
     """All arms, 1 seed, 1 epoch of 4 steps in 2 stages (32 -> 40 px) on the CPU."""
     sets = ["batch_size=8", "num_stages=2", "image_size=32,40", "eval_size=40", "eval_split=val", "eval_batch_size=16",
             "warmup_epochs=0.25", "log_every=2", "num_workers=1", "torch_threads=1", "device=cpu", "tensorboard=false",
-            "progress=false"]
+            "progress=false", "cpu_processes=1"]
     return ["bench", "progressive", "--recipe", "demo", "--data", str(shards), "--epochs", "1", "--seeds", "1",
             "--out", str(out), "--threads", "1"] + [x for s in sets for x in ("--set", s)]
 
@@ -160,3 +167,20 @@ def test_tiny_study_writes_table_json_png_and_resumes_after_kill_9(tmp_path, pho
     assert sum("(reused)" in line for line in capsys.readouterr().out.splitlines()) == len(ARMS)
     with pytest.raises(SystemExit, match="epochs: 1.0 -> 2.0"):
         cli_main([*args[:args.index("--epochs") + 1], "2", *args[args.index("--epochs") + 2:]])
+
+
+def test_an_arm_of_a_multi_process_recipe_trains_through_torchrun(tmp_path, photos, capsys):
+    """cpu_processes=2 (what the demo asks for on a CPU): the arm runs as 2 torchrun ranks, as `effnetv2
+    train` would run it; rank 0 writes the run's record, the study reads it like an in-process one."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores: cpu_processes is capped at one process per core")
+    shards = photo_shards(tmp_path / "shards", photos, n_train=32, n_val=16)
+    out = tmp_path / "out"
+    args = _study_args(shards, out)
+    args[args.index("cpu_processes=1")] = "cpu_processes=2"
+    assert cli_main([*args, "--arms", "fixed"]) == 0
+    run = out / "progressive" / "fixed-s0"
+    record = json.loads((run / RESULT).read_text())
+    assert [s["image_size"] for s in record["stages"]] == [40, 40] and record["config"]["cpu_processes"] == 2
+    assert "2 rank(s) on cpu" in (run / "train.log").read_text()
+    assert "fixed seed 0 (trained)" in capsys.readouterr().out

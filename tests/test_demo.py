@@ -54,7 +54,8 @@ def test_demo_end_to_end_then_reused(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sharding Fashion-MNIST" in first.stdout
     rows = [line.split() for line in first.stdout.splitlines() if line.strip()[:1].isdigit() and "%" in line]
-    assert [r[1] for r in rows] == ["24", "24", "28", "28"]  # one summary row per stage, growing size
+    assert [r[1] for r in rows] == ["28", "28", "28", "28"]  # one summary row per stage, at the eval size
+    assert [r[4] for r in rows] == ["0.00", "0.03", "0.07", "0.10"]  # dropout grows with the stages
     assert "2 CPU processes (torchrun" in first.stdout or len(__import__("os").sched_getaffinity(0)) < 2
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = (data / "_info.json").read_text()

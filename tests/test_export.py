@@ -62,7 +62,8 @@ def test_safetensors_round_trip_and_the_json(photos, tmp_path):
     assert done.sidecar == tmp_path / "demo.safetensors.json" and info == done.info
     assert info["classes"] == CLASSES and info["architecture"] == "efficientnetv2-demo" and not info["official"]
     p = info["preprocess"]
-    assert p["image_size"] == 48 and p["crop_ratio"] == eval_crop_ratio(48) and p["channels"] == "RGB"
+    size = CONFIGS["efficientnetv2-demo"].eval_size
+    assert p["image_size"] == size and p["crop_ratio"] == eval_crop_ratio(size) and p["channels"] == "RGB"
     u8 = np.arange(256, dtype=np.float64)  # the JSON's mean/std are the loaders' (u8 - 128) / 128
     np.testing.assert_allclose((u8 / 255 - p["mean"][0]) / p["std"][0], (u8 - 128) / 128, atol=1e-12)
 
@@ -87,8 +88,9 @@ def test_torchscript_matches_pytorch(photos, tmp_path, tf_padding):
     for batch in (x, x[:1]):  # traced at batch 2: other batch sizes must work
         assert (_outputs(loaded, batch) - _outputs(model, batch)).abs().max().item() <= TOL
     other = _batch(photos, {**done.info, "preprocess": {**done.info["preprocess"], "image_size": 64}})
-    if tf_padding:  # padding amounts were fixed at 48 px: another size is refused, not padded wrongly
-        with pytest.raises(torch.jit.Error, match="48x48 inputs only"):
+    if tf_padding:  # padding amounts were fixed at the export size: another size is refused, not padded wrongly
+        size = done.info["preprocess"]["image_size"]
+        with pytest.raises(torch.jit.Error, match=f"{size}x{size} inputs only"):
             loaded(other)
     else:
         assert (_outputs(loaded, other) - _outputs(model, other)).abs().max().item() <= TOL

@@ -184,5 +184,7 @@ def test_bench_memory_command_writes_the_comparison(tmp_path, one_thread, capsys
     assert case["measured"]["peak"] <= case["budget"] == 96 * 2**20
     ratios = {r["name"]: r["value"] for r in data["ratios"]}
     assert ratios["activations: counted / measured"] == 1.0
-    assert 0.9 <= ratios["peak: predicted / measured"] <= 1.1
+    # never much below what a step takes (that would run out of memory), and not wasteful; the count's
+    # stated bound for the gradients between layers (2x the largest activation) errs on the high side
+    assert 0.9 <= ratios["peak: predicted / measured"] <= 1.15
     assert "within the budget" in capsys.readouterr().out

@@ -335,14 +335,14 @@ def test_load_errors_name_the_problem(tmp_path):
         load_weights(m, tmp_path / "list.pth")
 
     broken = dict(good)
-    del broken["stages.2.1.project.conv.weight"]
+    del broken["stages.3.1.project.conv.weight"]
     broken["stages.9.0.extra.weight"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(ValueError) as e:
         load_weights(m, tmp_path / "broken.pth")
     msg = str(e.value)
     assert "broken.pth" in msg and "efficientnetv2-demo" in msg
-    assert "missing (1): stages.2.1.project.conv.weight" in msg
+    assert "missing (1): stages.3.1.project.conv.weight" in msg
     assert "unexpected (1): stages.9.0.extra.weight" in msg
 
     other = create_model("efficientnetv2-b0")  # a different architecture

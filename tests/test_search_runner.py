@@ -133,13 +133,13 @@ def test_scale_writes_a_growing_family(tmp_path):
     from effnetv2.recipes.cli.scale import main
 
     out = tmp_path / "family"
-    assert main(["efficientnetv2-demo", "--out", str(out), "--phis", "1,2", "--max-size", "64",
+    assert main(["efficientnetv2-demo", "--out", str(out), "--phis", "1,2", "--max-size", "36",
                  "--num-classes", "10"]) == 0
     members = [load_config(out / f"efficientnetv2-demo-x{phi}.json") for phi in (1, 2)]
     params = [count_parameters(create_model("efficientnetv2-demo", 10))]
     params += [count_parameters(create_model(out / f"efficientnetv2-demo-x{phi}.json", 10)) for phi in (1, 2)]
     assert params[0] < params[1] < params[2]
-    assert [m.eval_size for m in members] == [56, 64]  # 48 x 1.15^phi on a grid of 4, capped at 64
+    assert [m.eval_size for m in members] == [32, 36]  # 28 x 1.15^phi (32.2, 37.0) on a grid of 4, capped at 36
     info = json.loads((out / "efficientnetv2-demo-x2.json").read_text())["info"]
     assert info["phi"] == 2 and info["params"] == params[2]
     assert main([str(tmp_path / "missing.json"), "--out", str(out)]) == 2

@@ -86,7 +86,7 @@ def test_every_sample_is_in_the_space_and_builds_the_network_its_table_says(spac
         assert space.contains(c)
         cfg = c.to_config()
         assert cfg.name == f"{DEMO}-search-{c.id}" and not cfg.official
-        assert (cfg.head_channels, cfg.stem_stride, cfg.train_size, cfg.eval_size) == (512, 2, 48, 48)
+        assert (cfg.head_channels, cfg.stem_stride, cfg.train_size, cfg.eval_size) == (512, 1, 28, 28)
         for i, (s, b, ch) in enumerate(zip(cfg.stages, base, c.choices)):
             assert (s.in_ch, s.out_ch, s.stride) == (b.in_ch, b.out_ch, b.stride)  # kept from the backbone
             assert (s.block, s.kernel, s.expand, s.repeats) == (ch.block, ch.kernel, ch.expand, ch.layers)
@@ -95,7 +95,7 @@ def test_every_sample_is_in_the_space_and_builds_the_network_its_table_says(spac
         m = meta_build(cfg)
         assert count_parameters(m) == expected_params(cfg, 10)
         assert len(m.blocks()) == sum(ch.layers for ch in c.choices)
-    assert [len(space.layer_range(i)) for i in range(5)] == [3, 4, 4, 5, 5]  # max(1, r-2) .. r+2, r = 1,2,2,3,3
+    assert [len(space.layer_range(i)) for i in range(5)] == [3, 3, 3, 4, 3]  # max(1, r-2) .. r+2, r = 1,1,1,2,1
 
 
 def test_samples_cover_every_choice(space):
@@ -291,16 +291,16 @@ def test_unknown_model_or_missing_file():
 def test_scaling_grows_params_and_flops_and_caps_the_size(tmp_path):
     base = CONFIGS[DEMO]
     x0 = scale_config(base, 0)
-    assert architecture_id(x0) == architecture_id(base) and (x0.train_size, x0.eval_size) == (48, 48)
-    family = scale_family(base, (1, 2, 3, 4), num_classes=10, max_size=64)
+    assert architecture_id(x0) == architecture_id(base) and (x0.train_size, x0.eval_size) == (28, 28)
+    family = scale_family(base, (1, 2, 3, 4), num_classes=10, max_size=40)
     assert [m.config.name for m in family] == [f"{DEMO}-x{i}" for i in (1, 2, 3, 4)]
     params = [count_parameters(meta_build(base))] + [m.params for m in family]
-    flops = [count_flops(meta_build(base), 48)] + [m.flops for m in family]
+    flops = [count_flops(meta_build(base), 28)] + [m.flops for m in family]
     assert all(a < b for a, b in zip(params, params[1:])), params
     assert all(a < b for a, b in zip(flops, flops[1:])), flops
     sizes = [(m.config.train_size, m.config.eval_size) for m in family]
-    assert sizes[0] == (56, 56) and sizes[-1] == (64, 64)  # 48 * 1.15^phi, rounded to 4, capped at 64
-    assert all(t <= e <= 64 and e % 4 == 0 for t, e in sizes)
+    assert sizes[0] == (32, 32) and sizes[-1] == (40, 40)  # 28 * 1.15^phi, rounded to 4, capped at 40
+    assert all(t <= e <= 40 and e % 4 == 0 for t, e in sizes)
     x1 = family[0]
     m = create_model(load_config(save_config(x1.config, tmp_path / "x1.json")), 10)  # built for real
     assert count_parameters(m) == x1.params == expected_params(x1.config, 10)
