@@ -184,6 +184,17 @@ _DEMO = (
     F(1, 3, 1, 1, 96, 128),
 )
 
+# NOT an official model: the hand-made network the demo's search started from (its backbone; kept so
+# that `effnetv2 search --backbone efficientnetv2-demo-base` reruns that search): same widths and
+# strides, 11 blocks, SE in the MBConv stages, 1.17M parameters; 91.76% in the 7-epoch demo recipe.
+_DEMO_BASE = (
+    F(1, 3, 2, 1, 16, 16),
+    F(2, 3, 2, 4, 16, 32),
+    F(2, 3, 2, 4, 32, 48),
+    M(3, 3, 2, 4, 48, 96),
+    M(3, 3, 1, 6, 96, 128),
+)
+
 CONFIGS: dict[str, ModelConfig] = {
     c.name: c
     for c in (
@@ -196,5 +207,6 @@ CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("efficientnetv2-l", _L, 384, 480, 0.4),
         ModelConfig("efficientnetv2-xl", _XL, 384, 512, 0.4),
         ModelConfig("efficientnetv2-demo", _DEMO, 28, 28, 0.1, head_ch=512, stem_stride=1, official=False),
+        ModelConfig("efficientnetv2-demo-base", _DEMO_BASE, 28, 28, 0.1, head_ch=512, stem_stride=1, official=False),
     )
 }

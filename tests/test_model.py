@@ -73,13 +73,16 @@ def test_parameter_count_for_any_head(num_classes):
 
 
 def test_names_configs_and_defaults():
-    assert list_models() == [*OFFICIAL, DEMO]
+    assert list_models() == [*OFFICIAL, DEMO, f"{DEMO}-base"]  # the demo and the backbone its search started from
     for name, (train, evaluate, dropout) in SIZES.items():
         c = CONFIGS[name]
         assert (c.train_size, c.eval_size, c.dropout, c.official) == (train, evaluate, dropout, True)
         assert meta_model(name).dropout.p == dropout
     demo = CONFIGS[DEMO]
     assert not demo.official and demo.train_size == demo.eval_size == 28  # Fashion-MNIST at its native size
+    base = CONFIGS[f"{DEMO}-base"]
+    assert not base.official and [(s.in_ch, s.out_ch, s.stride) for s in base.stages] == [
+        (s.in_ch, s.out_ch, s.stride) for s in demo.stages]  # the search kept the backbone's widths and strides
     m = create_model(DEMO, num_classes=10)
     assert 300_000 <= count_parameters(m) <= 1_500_000
     assert {type(b).__name__ for b in m.blocks()} == {"FusedMBConv", "MBConv"}
