@@ -110,6 +110,15 @@ def test_search_refuses_to_continue_a_folder_with_other_settings(shards, tmp_pat
     assert "search.json" in err and "seed: 0 -> 4" in err and not (out / "results.jsonl").exists()
 
 
+def test_a_renamed_backbone_of_the_same_architecture_is_the_same_search(tmp_path):
+    """The backbone's name is a label (recorded, not compared); its architecture id is a setting."""
+    out = tmp_path / "search"
+    check_settings(out, {"backbone_id": "57563cdfb4", "seed": 0}, labels={"backbone": "efficientnetv2-demo"})
+    check_settings(out, {"backbone_id": "57563cdfb4", "seed": 0}, labels={"backbone": "efficientnetv2-demo-base"})
+    with pytest.raises(SearchFileError, match=r"backbone_id: '57563cdfb4' -> '899abfbea2'"):
+        check_settings(out, {"backbone_id": "899abfbea2", "seed": 0}, labels={"backbone": "efficientnetv2-demo"})
+
+
 def test_results_file_drops_a_torn_last_line_and_rejects_a_bad_one(tmp_path):
     append_result(tmp_path, {"index": 0, "id": "a"})
     append_result(tmp_path, {"index": 1, "id": "b"})

@@ -59,12 +59,15 @@ def append_result(out: Path, record: dict[str, Any], name: str = RESULTS) -> Non
         os.fsync(f.fileno())
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Write ``search.json`` on the first run; on a rerun, refuse settings that differ from it."""
+def check_settings(out: Path, settings: dict[str, Any], labels: dict[str, Any] | None = None) -> None:
+    """Write ``search.json`` on the first run; on a rerun, refuse settings that differ from it.
+
+    ``labels`` (e.g. the backbone's name) are recorded but not compared: a backbone renamed with the
+    same architecture id is the same search."""
     path = out / SETTINGS
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(path, settings)
+        atomic.write_json(path, {**settings, **(labels or {})})
         return
     try:
         before = json.loads(path.read_text(encoding="utf-8"))

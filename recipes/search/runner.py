@@ -206,10 +206,10 @@ def run_search(base: TrainConfig, backbone: ModelConfig, out: Path, opts: Search
     space = SearchSpace(backbone, layer_delta=opts.layer_delta)
     todo = entries(space, opts.samples, opts.seed)
     device = str(_device(base))
-    check_settings(out, {"recipe": base.recipe, "backbone": backbone.name, "backbone_id": architecture_id(backbone),
+    check_settings(out, {"recipe": base.recipe, "backbone_id": architecture_id(backbone),
                          "data": str(base.data), "epochs": opts.epochs, "image_size": size,
                          "batch_size": base.batch_size, "seed": opts.seed, "layer_delta": opts.layer_delta,
-                         "device": device, **(settings_extra or {})})
+                         "device": device, **(settings_extra or {})}, labels={"backbone": backbone.name})
     if base.torch_threads:
         torch.set_num_threads(base.torch_threads)
     done = {r["index"]: r for r in read_results(out)}
