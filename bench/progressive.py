@@ -54,6 +54,8 @@ ARMS: dict[str, str] = {
 PAPER = {"table12": {"delta_top1_pp": [0.2, 0.5], "time_saving_pct": [29, 65]},
          "table13_progressive": {"delta_top1_pp": 0.8}, "table13_random": {"delta_top1_pp": 0.7}}
 RESULT = "result.json"  # written into a run folder when the run is finished: the study reuses it
+FAILED = "failed.txt"  # a run that stopped on a non-finite loss says why here (the study reports it, goes on)
+ARM_CONFIG = "arm.json"  # the config the torchrun ranks of an arm read
 SMALLEST = 0.7  # a recipe trained at one size (the demo) is studied growing from 70% of that size
 
 
@@ -157,19 +159,17 @@ def train_arm(cfg: TrainConfig) -> tuple[dict, str]:
         return json.loads((out / RESULT).read_text(encoding="utf-8")), "reused"
     how = "resumed" if checkpoint.list_checkpoints(out) else "trained"
     out.mkdir(parents=True, exist_ok=True)
-    (FAILED_FILE := out / FAILED).unlink(missing_ok=True)
+    (out / FAILED).unlink(missing_ok=True)
     if (ranks := cpu_ranks(cfg)) > 1:
         _train_ranks(cfg, ranks)
     else:
         _train_here(cfg)
-    if FAILED_FILE.is_file():
+    if (out / FAILED).is_file():
         from effnetv2.recipes.engine.trainer import NonFiniteLoss
 
-        raise NonFiniteLoss(FAILED_FILE.read_text(encoding="utf-8").strip())
+        raise NonFiniteLoss((out / FAILED).read_text(encoding="utf-8").strip())
     return json.loads((out / RESULT).read_text(encoding="utf-8")), how
 
-
-FAILED = "failed.txt"  # a run that stopped on a non-finite loss says why here (the study reports it, goes on)
 
 
 def _train_here(cfg: TrainConfig) -> None:
@@ -194,22 +194,16 @@ def _train_here(cfg: TrainConfig) -> None:
 
 def _train_ranks(cfg: TrainConfig, ranks: int) -> None:
     """``cfg`` trained by ``ranks`` torchrun processes running :func:`_train_here` (``python -m`` this module)."""
-    import subprocess
-    import sys
+    from effnetv2.recipes.engine.distributed import run_local_ranks
 
     out = Path(cfg.out)
     atomic.write_json(out / ARM_CONFIG, dataclasses.asdict(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "effnetv2.bench.progressive", str(out / ARM_CONFIG)]
     with open(out / "torchrun.log", "a", encoding="utf-8") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))).returncode
+        code = run_local_ranks(ranks, "effnetv2.bench.progressive", [str(out / ARM_CONFIG)], stdout=log)
     if code != 0 or not ((out / RESULT).is_file() or (out / FAILED).is_file()):
         raise RuntimeError(f"{out}: the {ranks}-process run failed (exit {code}); see {out / 'torchrun.log'} "
                            f"and {out / 'train.log'}")
 
-
-ARM_CONFIG = "arm.json"  # the config a torchrun of the arm reads
 
 
 def run_summary(record: dict) -> dict:
@@ -482,8 +476,9 @@ def run(args: argparse.Namespace) -> Report:
     summary = summarise(records, arms)
     paper = compare_with_paper(summary)
     facts = machine()
+    sizes = [s.image_size for s in _plan(base)]
     title = (f"progressive learning study: recipe {base.recipe}, {base.model}, {base.epochs:g} epochs in "
-             f"{base.num_stages} stages, {_plan(base)[0].image_size}-{_plan(base)[-1].image_size} px, {len(seeds)} seed(s)")
+             f"{base.num_stages} stages, {sizes[0]}-{sizes[-1]} px, {len(seeds)} seed(s)")
     chart = plot(summary, Path(args.out) / f"progressive-accuracy-{time.strftime('%Y%m%d-%H%M%S')}.png", title, facts)
     report = Report("progressive", title, machine=facts)
     report.config = dict(recipe=args.recipe, model=base.model, data=base.data, epochs=base.epochs,

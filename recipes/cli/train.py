@@ -101,7 +101,7 @@ def cpu_ranks(cfg: TrainConfig) -> int:
 
 def launch_cpu_ranks(args: argparse.Namespace, n: int) -> int:
     """Run this command again as ``n`` one-machine torchrun ranks; their exit status is ours."""
-    import subprocess
+    from effnetv2.recipes.engine.distributed import run_local_ranks
 
     argv = [args.recipe]
     for flag in ("data", "out"):
@@ -110,12 +110,9 @@ def launch_cpu_ranks(args: argparse.Namespace, n: int) -> int:
     argv += ["--resume"] if args.resume else ["--set", "resume=false"] if args.fresh else []
     for item in args.overrides:
         argv += ["--set", item]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "effnetv2.recipes.cli.train", *argv]
     print(f"effnetv2 train: {n} CPU processes (torchrun --standalone --nproc_per_node {n}; "
           f"--set cpu_processes=1 for one)", flush=True)
-    env = dict(os.environ, **{_LAUNCHED: "1"}, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return 0 if subprocess.run(cmd, env=env).returncode == 0 else 1
+    return 0 if run_local_ranks(n, "effnetv2.recipes.cli.train", argv, env={_LAUNCHED: "1"}) == 0 else 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,19 @@ class DistInfo:
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def run_local_ranks(n: int, module: str, argv: list[str], *, stdout=None, env: dict[str, str] | None = None) -> int:
+    """``python -m torch.distributed.run --standalone --nproc_per_node n -m module argv...``: ``n`` ranks on
+    this machine (one thread each unless OMP_NUM_THREADS says otherwise); returns torchrun's exit status."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", module, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    return subprocess.run(cmd, stdout=stdout, stderr=None if stdout is None else subprocess.STDOUT,
+                          env=env).returncode
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
